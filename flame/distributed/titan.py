@@ -15,4 +15,4 @@ if not torch.cuda.is_available():
     _tt_utils.device_module = torch.cpu
 
 # FSDP must be imported before torchtitan builds meshes: it registers the "fake" c10d backend.
-import torch.distributed.fsdp  # noqa: E402,F401
+import torch.distributed.fsdp

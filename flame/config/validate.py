@@ -1,0 +1,247 @@
+"""Checks across sections, run before any work starts.
+
+``validate`` collects every problem it finds and raises one ``ConfigError`` listing them all, each
+naming the flag and what is allowed, so a user fixes a config in one round trip.
+"""
+
+from __future__ import annotations
+
+import os
+
+from flame.config.errors import ConfigError
+from flame.config.schema import JobConfig
+
+# Features whose flags exist (the upstream CLI contract) but which this version of flame does not
+# run yet: setting them is an error, never silently ignored. Maps flag -> (default, what it is).
+NOT_YET: dict[str, tuple[object, str]] = {
+    "training.tensor_parallel_degree": (1, "tensor parallelism"),
+    "training.enable_cpu_offload": (False, "CPU offload"),
+    "training.varlen": (False, "varlen document packing"),
+    "training.streaming": (False, "streaming datasets"),
+    "experimental.pipeline_parallel_degree": (1, "pipeline parallelism"),
+    "experimental.context_parallel_degree": (1, "context parallelism"),
+    "experimental.enable_compiled_autograd": (False, "compiled autograd"),
+    "optimizer.early_step_in_backward": (False, "optimizer steps in backward"),
+    "memory_estimation.enabled": (False, "memory estimation"),
+    "profiling.enable_memory_snapshot": (False, "memory snapshots"),
+}
+
+# Features that need a CUDA GPU: a clear error on a CPU-only machine.
+GPU_ONLY: dict[str, tuple[object, str]] = {
+    "float8.enable_float8_linear": (False, "float8 training"),
+    "float8.enable_fsdp_float8_all_gather": (False, "float8 all-gather"),
+    "float8.precompute_float8_dynamic_scale_for_fsdp": (
+        False,
+        "float8 scale precomputation",
+    ),
+    "experimental.enable_async_tensor_parallel": (False, "async tensor parallelism"),
+    "optimizer.implementation": ("foreach", "fused optimizer kernels"),
+    "checkpoint.async_mode": ("disabled", "pinned-memory async checkpointing"),
+}
+_GPU_ONLY_VALUES = {
+    "optimizer.implementation": "fused",
+    "checkpoint.async_mode": "async_with_pinned_mem",
+}
+
+
+def _get(config: JobConfig, dotted: str) -> object:
+    section, key = dotted.split(".")
+    return getattr(getattr(config, section), key)
+
+
+def resolve_dp_shard(config: JobConfig, world_size: int) -> int:
+    """The data-parallel shard degree, with -1 resolved to the ranks left over by the other axes."""
+    t, e = config.training, config.experimental
+    others = (
+        t.data_parallel_replicate_degree
+        * t.tensor_parallel_degree
+        * e.pipeline_parallel_degree
+        * e.context_parallel_degree
+    )
+    if t.data_parallel_shard_degree == -1:
+        return max(world_size // max(others, 1), 1)
+    return t.data_parallel_shard_degree
+
+
+def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> None:
+    """Raise one ConfigError listing every problem of ``config`` for ``world_size`` ranks."""
+    problems: list[str] = []
+    t, o, s = config.training, config.optimizer, config.lr_scheduler
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    for flag, value in (
+        ("--training.steps", t.steps),
+        ("--training.batch_size", t.batch_size),
+        ("--training.seq_len", t.seq_len),
+        ("--training.context_len", t.context_len),
+        ("--training.gradient_accumulation_steps", t.gradient_accumulation_steps),
+        ("--metrics.log_freq", config.metrics.log_freq),
+        ("--checkpoint.interval", config.checkpoint.interval),
+        ("--comm.init_timeout_seconds", config.comm.init_timeout_seconds),
+        ("--comm.train_timeout_seconds", config.comm.train_timeout_seconds),
+    ):
+        need(value > 0, f"{flag} must be a positive integer, got {value}")
+    need(o.lr > 0, f"--optimizer.lr must be positive, got {o.lr}")
+    need(o.eps > 0, f"--optimizer.eps must be positive, got {o.eps}")
+    need(
+        o.weight_decay >= 0,
+        f"--optimizer.weight_decay must be >= 0, got {o.weight_decay}",
+    )
+    betas = o.betas or [o.beta1, o.beta2]
+    need(
+        len(betas) == 2,
+        f"--optimizer.betas takes two numbers (beta1,beta2), got {o.betas}",
+    )
+    need(
+        all(0 <= b < 1 for b in betas),
+        f"optimizer betas must be in [0, 1), got {betas}",
+    )
+    _check_optimizer_name(o.name, problems)
+    need(
+        s.warmup_steps >= 0,
+        f"--lr_scheduler.warmup_steps must be >= 0, got {s.warmup_steps}",
+    )
+    need(
+        s.decay_ratio is None or 0 < s.decay_ratio <= 1,
+        f"--lr_scheduler.decay_ratio must be in (0, 1] or unset, got {s.decay_ratio}",
+    )
+    need(
+        0 <= s.lr_min <= 1,
+        f"--lr_scheduler.lr_min is a fraction of optimizer.lr in [0, 1], got {s.lr_min}",
+    )
+    need(
+        t.max_norm >= 0,
+        f"--training.max_norm must be >= 0 (0 disables clipping), got {t.max_norm}",
+    )
+    need(t.num_workers >= 0, f"--training.num_workers must be >= 0, got {t.num_workers}")
+    need(
+        t.prefetch_factor > 0,
+        f"--training.prefetch_factor must be positive, got {t.prefetch_factor}",
+    )
+    need(
+        t.gc_freq >= 0,
+        f"--training.gc_freq must be >= 0 (0: automatic), got {t.gc_freq}",
+    )
+    ck = config.checkpoint
+    need(
+        ck.keep_latest_k == 0 or ck.keep_latest_k >= 2,
+        f"--checkpoint.keep_latest_k must be 0 (keep all) or at least 2, got {ck.keep_latest_k}",
+    )
+    need(
+        ck.load_step >= -1,
+        f"--checkpoint.load_step must be -1 (latest) or a step >= 0, got {ck.load_step}",
+    )
+    need(bool(ck.folder.strip()), "--checkpoint.folder must not be empty")
+    if config.activation_checkpoint.mode == "selective":
+        opt = config.activation_checkpoint.selective_ac_option
+        need(
+            opt == "op" or (opt.isdigit() and int(opt) > 0),
+            f"--activation_checkpoint.selective_ac_option must be 'op' or a positive layer frequency, got {opt!r}",
+        )
+
+    _check_data(config, problems)
+    _check_files(config, problems)
+    _check_degrees(config, world_size, problems)
+
+    for flag, (default, what) in NOT_YET.items():
+        if _get(config, flag) != default:
+            problems.append(f"--{flag}: {what} is not supported yet in this version of flame; leave it at {default!r}")
+    for flag, (default, what) in GPU_ONLY.items():
+        value = _get(config, flag)
+        bad = value == _GPU_ONLY_VALUES[flag] if flag in _GPU_ONLY_VALUES else value != default
+        if bad and device_type != "cuda":
+            problems.append(f"--{flag}={value}: {what} needs a CUDA GPU; none is visible on this machine")
+        elif bad and flag.startswith(("float8", "experimental")):
+            problems.append(f"--{flag}: {what} is not supported yet in this version of flame")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _check_optimizer_name(name: str, problems: list[str]) -> None:
+    import torch
+
+    cls = getattr(torch.optim, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        names = sorted(
+            n
+            for n, c in vars(torch.optim).items()
+            if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
+        )
+        problems.append(
+            f"--optimizer.name: {name!r} is not an optimizer in torch.optim; choose one of: {', '.join(names)}"
+        )
+
+
+def _check_data(config: JobConfig, problems: list[str]) -> None:
+    t = config.training
+    if not t.dataset:
+        problems.append("--training.dataset is required: a hub name, a local folder, or a builder such as json")
+        return
+    if len(t.dataset) > 1:
+        problems.append(
+            f"--training.dataset: {len(t.dataset)} datasets given; mixing several datasets is not supported "
+            "yet in this version of flame (give one)"
+        )
+    for flag in (
+        "dataset_name",
+        "dataset_split",
+        "data_dir",
+        "data_files",
+        "data_probs",
+    ):
+        values = getattr(t, flag)
+        if values and len(values) not in (1, len(t.dataset)):
+            problems.append(
+                f"--training.{flag} has {len(values)} entries but --training.dataset has {len(t.dataset)}: "
+                "give one entry per dataset"
+            )
+    if any(p <= 0 for p in t.data_probs):
+        problems.append(f"--training.data_probs must all be positive, got {t.data_probs}")
+
+
+def _check_files(config: JobConfig, problems: list[str]) -> None:
+    m = config.model
+    if not m.config:
+        problems.append("--model.config is required: a JSON config file or a folder with config.json")
+    elif not os.path.exists(m.config):
+        problems.append(f"--model.config: {m.config!r} does not exist (a JSON file or a folder with config.json)")
+    if not m.tokenizer_path:
+        problems.append("--model.tokenizer_path is required: a folder (or hub name) that AutoTokenizer loads")
+    elif _looks_local(m.tokenizer_path) and not os.path.exists(m.tokenizer_path):
+        problems.append(f"--model.tokenizer_path: {m.tokenizer_path!r} does not exist")
+
+
+def _looks_local(path: str) -> bool:
+    """A path (rather than a hub name such as 'org/name'): absolute, relative with ./, or existing parent."""
+    return path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.isdir(os.path.dirname(path))
+
+
+def _check_degrees(config: JobConfig, world_size: int, problems: list[str]) -> None:
+    t, e = config.training, config.experimental
+    degrees = {
+        "--training.data_parallel_replicate_degree": t.data_parallel_replicate_degree,
+        "--training.tensor_parallel_degree": t.tensor_parallel_degree,
+        "--experimental.pipeline_parallel_degree": e.pipeline_parallel_degree,
+        "--experimental.context_parallel_degree": e.context_parallel_degree,
+    }
+    for flag, value in degrees.items():
+        if value < 1:
+            problems.append(f"{flag} must be >= 1, got {value}")
+    if t.data_parallel_shard_degree == 0 or t.data_parallel_shard_degree < -1:
+        problems.append(f"--training.data_parallel_shard_degree must be -1 or >= 1, got {t.data_parallel_shard_degree}")
+        return
+    if any(v < 1 for v in degrees.values()):
+        return
+    dp_shard = resolve_dp_shard(config, world_size)
+    product = dp_shard
+    for v in degrees.values():
+        product *= v
+    if product != world_size:
+        problems.append(
+            f"parallel degrees multiply to {product} (dp_replicate {t.data_parallel_replicate_degree} x dp_shard "
+            f"{dp_shard} x tp {t.tensor_parallel_degree} x pp {e.pipeline_parallel_degree} x cp "
+            f"{e.context_parallel_degree}) but the world size is {world_size}; they must multiply to the world size"
+        )
