@@ -90,7 +90,7 @@ def build_meta_model(config) -> nn.Module:
 
     with torch.device("meta"):
         try:
-            model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         except ValueError as e:
             raise ConfigError(f"--model.config: no causal-LM class for model_type {config.model_type!r}: {e}") from e
     return model

@@ -1,0 +1,115 @@
+"""Where training metrics go: the console, ``metrics.jsonl``, TensorBoard and Weights & Biases.
+
+``metrics.jsonl`` in the dump folder is the machine-readable record (one JSON object per logged
+step) that sweeps and plots read. On resume, records past the resumed step are dropped first, so
+the file always reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+logger = logging.getLogger("flame")
+
+_COLORS = {"step": "\033[36m", "loss": "\033[32m", "grad_norm": "\033[33m", "lr": "\033[35m", "reset": "\033[0m"}
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class MetricsLogger:
+    """Writes one record per logged step to every enabled sink (on the ranks that should)."""
+
+    def __init__(self, config, *, rank: int, resume_step: int, run_config: dict[str, Any]) -> None:
+        m = config.metrics
+        self.rank = rank
+        self.color = not m.disable_color_printing and sys.stdout.isatty()
+        self.total_steps = config.training.steps
+        self.path = os.path.join(config.job.dump_folder, "metrics.jsonl")
+        self.tb = None
+        self.wandb_run = None
+        if rank == 0:
+            self._truncate_after(resume_step)
+        if m.enable_tensorboard and (rank == 0 or not m.rank_0_only):
+            from torch.utils.tensorboard import SummaryWriter
+
+            folder = os.path.join(config.job.dump_folder, m.save_tb_folder)
+            if not m.rank_0_only:
+                folder = os.path.join(folder, f"rank_{rank}")
+            self.tb = SummaryWriter(folder, purge_step=resume_step + 1 if resume_step else None)
+        if m.enable_wandb and rank == 0:
+            self.wandb_run = _start_wandb(config, run_config)
+
+    def _truncate_after(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Send one step's metrics (``step`` plus numbers) to every sink."""
+        step = int(record["step"])
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self._print(record)
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
+    def _print(self, r: dict[str, Any]) -> None:
+        def paint(key: str, text: str) -> str:
+            return f"{_COLORS[key]}{text}{_COLORS['reset']}" if self.color else text
+
+        width = len(str(self.total_steps))
+        parts = [
+            paint("step", f"step {r['step']:>{width}}/{self.total_steps}"),
+            paint("loss", f"loss {r['loss']:.4f}"),
+            paint("grad_norm", f"grad_norm {r['grad_norm']:.3f}"),
+            paint("lr", f"lr {r['lr']:.2e}"),
+            f"tok/s/device {r['tokens_per_second']:,.0f}",
+        ]
+        if r.get("skipped_steps"):
+            parts.append(f"skipped {r['skipped_steps']}")
+        parts.append(f"elapsed {format_duration(r['elapsed_seconds'])} eta {format_duration(r['eta_seconds'])}")
+        logger.info("  ".join(parts))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _start_wandb(config, run_config: dict[str, Any]):
+    """A W&B run whose id is stored in the dump folder, so a restarted run continues it."""
+    import wandb
+
+    id_file = os.path.join(config.job.dump_folder, "wandb_run_id")
+    run_id = open(id_file).read().strip() if os.path.exists(id_file) else wandb.util.generate_id()
+    with open(id_file, "w") as f:
+        f.write(run_id)
+    return wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "flame"),
+        name=os.path.basename(os.path.abspath(config.job.dump_folder)),
+        id=run_id,
+        resume="allow",
+        dir=config.job.dump_folder,
+        config=run_config,
+        notes=config.job.description or None,
+    )

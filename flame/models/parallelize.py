@@ -1,0 +1,81 @@
+"""Parallelisation, applied in one place and in a fixed order.
+
+Order (each step only if enabled): pipeline split -> tensor parallel -> context parallel ->
+activation checkpointing -> compile -> FSDP2/HSDP -> (weights are initialised after this, by
+``flame.models.build.init_weights``). Later steps wrap what earlier ones produced: FSDP must see
+the checkpointed/compiled layers so that it all-gathers inside the recomputation.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from flame.config.schema import JobConfig
+from flame.models.adapters import ModelAdapter
+
+logger = logging.getLogger("flame.models")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def apply_activation_checkpointing(decoder: nn.Module, mode: str, option: str) -> None:
+    """Checkpoint decoder layers: all of them (full), every Nth (selective N), or per op (selective op)."""
+    import flame.distributed.titan  # noqa: F401
+    from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
+
+    if mode == "full":
+        FullAC(FullAC.Config()).apply(decoder)
+    elif option == "op":
+        SelectiveAC(SelectiveAC.Config(force_recompute_mm_shapes_by_fqns=[])).apply(decoder)
+    else:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        every = int(option)
+        for index, (name, layer) in enumerate(list(decoder.layers.named_children())):
+            if index % every == 0:
+                decoder.layers.register_module(name, checkpoint_wrapper(layer, preserve_rng_state=True))
+    logger.info("activation checkpointing: %s%s", mode, f" ({option})" if mode == "selective" else "")
+
+
+def apply_compile(decoder: nn.Module) -> None:
+    """torch.compile each decoder layer (the repeated structure compiles once)."""
+    torch._dynamo.config.capture_scalar_outputs = True
+    for layer in decoder.layers.children():
+        layer.compile(fullgraph=True)
+    logger.info("compile: each decoder layer with torch.compile(fullgraph=True)")
+
+
+def apply_fsdp(model: nn.Module, adapter: ModelAdapter, mesh, param_dtype: str, reduce_dtype: str) -> None:
+    """FSDP2 ``fully_shard`` on each decoder layer and the root; a 2-D mesh gives HSDP."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
+    layers = list(adapter.layers(model))
+    for index, layer in enumerate(layers):
+        # The last layer's parameters are needed right away by backward: don't free them after forward.
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=index < len(layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    logger.info(
+        "data parallel: FSDP2 over mesh axes %s (shape %s), params %s, reduce %s",
+        mesh.mesh_dim_names,
+        tuple(mesh.shape),
+        param_dtype,
+        reduce_dtype,
+    )
+
+
+def parallelize(model: nn.Module, adapter: ModelAdapter, parallel_dims, config: JobConfig) -> None:
+    """Apply every enabled parallelism to ``model`` (on the meta device) in the documented order."""
+    ac = config.activation_checkpoint
+    if ac.mode != "none":
+        apply_activation_checkpointing(adapter.decoder(model), ac.mode, ac.selective_ac_option)
+    if config.training.compile:
+        apply_compile(adapter.decoder(model))
+    if parallel_dims.dp_shard_enabled or parallel_dims.dp_replicate_enabled:
+        axes = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+        mesh = parallel_dims.get_mesh(axes)
+        t = config.training
+        apply_fsdp(model, adapter, mesh, t.mixed_precision_param, t.mixed_precision_reduce)

@@ -1,0 +1,70 @@
+"""``python -m flame.train``: parse the config, validate it, train, and exit with a clear code.
+
+Exit codes: 0 done, 2 bad input (one message naming the flag or file, no traceback, nothing
+written), 1 a failure during training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+from flame.config.errors import ConfigError
+from flame.config.loader import parse_args, to_dict
+
+
+def setup_logging() -> None:
+    """One line per message, prefixed with the rank under torchrun."""
+    rank = os.environ.get("RANK")
+    prefix = f"[rank{rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
+    )
+    # torchtitan logs through the root logger: keep its chatter at warnings, flame's at info.
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("flame").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", message=".*set_vital.*")
+
+
+def fail(message: str) -> int:
+    print(f"flame: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_args(argv)
+    except ConfigError as e:
+        return fail(("bad arguments:\n" if len(e.problems) > 1 else "") + e.format())
+    if config.job.print_args:
+        import tomli_w
+
+        print(tomli_w.dumps(to_dict(config)))
+    setup_logging()
+    import torch
+
+    from flame.config.validate import validate
+    from flame.distributed.setup import world_size_from_env
+
+    try:
+        validate(config, world_size_from_env(), "cuda" if torch.cuda.is_available() else "cpu")
+        from flame.trainer import Trainer
+
+        trainer = Trainer(config)
+    except ConfigError as e:
+        return fail(("invalid config:\n" if len(e.problems) > 1 else "") + e.format())
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The training loop, and ``Trainer.__init__`` wiring the components around it.
+
+The trainer is distribution-oblivious: in a notebook it creates a one-rank process group itself,
+under torchrun it joins the launcher's group; the loop is the same code either way.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
+from flame.components.checkpoint import Checkpointer, TrainState
+from flame.components.metrics import MetricsLogger
+from flame.components.optimizer import build_lr_schedulers, build_optimizers
+from flame.config.errors import ConfigError
+from flame.config.loader import save_toml, to_dict
+from flame.config.schema import JobConfig
+from flame.config.validate import resolve_dp_shard, validate
+from flame.distributed.setup import device_for_rank, init_distributed, set_collective_timeout
+from flame.models.adapters import adapter_for
+from flame.models.build import build_meta_model, import_custom_models, init_weights, load_model_config
+from flame.models.parallelize import parallelize
+from torchtitan.distributed import utils as dist_utils
+from torchtitan.distributed.parallel_dims import ParallelDims
+
+logger = logging.getLogger("flame")
+
+IGNORE_INDEX = -100
+
+
+def load_tokenizer(path: str):
+    """The tokenizer at ``--model.tokenizer_path``, or a ConfigError saying why it cannot load."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--model.tokenizer_path {path!r} cannot be loaded by AutoTokenizer: {first}") from e
+
+
+class Trainer:
+    """Builds the model, data, optimizer and components for ``config``, then trains with ``train()``."""
+
+    def __init__(self, config: JobConfig) -> None:
+        self.config = config
+        t = config.training
+        self.owns_process_group = init_distributed(config.comm.init_timeout_seconds)
+        self.device = device_for_rank()
+        self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+        validate(config, self.world_size, self.device.type)
+
+        import_custom_models(config.experimental.custom_model_path)
+        self.tokenizer = load_tokenizer(config.model.tokenizer_path)
+        model_config = load_model_config(config.model.config, self.tokenizer)
+
+        self.parallel_dims = ParallelDims(
+            dp_replicate=t.data_parallel_replicate_degree,
+            dp_shard=resolve_dp_shard(config, self.world_size),
+            cp=config.experimental.context_parallel_degree,
+            tp=t.tensor_parallel_degree,
+            pp=config.experimental.pipeline_parallel_degree,
+            ep=1,
+            world_size=self.world_size,
+            spmd_backend="partial_dtensor",
+        )
+        dist_utils.set_spmd_backend("partial_dtensor")
+        self.parallel_dims.build_mesh()
+        batch_mesh = self.parallel_dims.get_optional_mesh("batch")
+        self.dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
+        self.dp_world_size = batch_mesh.size() if batch_mesh is not None else 1
+        self.loss_mesh = self.parallel_dims.get_optional_mesh("loss")
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=False)
+
+        # Model: meta build -> parallelise -> materialise -> layout-independent init.
+        self.model = build_meta_model(model_config)
+        self.adapter = adapter_for(model_config.model_type)
+        reference = copy.deepcopy(self.model)
+        layer_names = set(self.adapter.layer_names(self.model))
+        parallelize(self.model, self.adapter, self.parallel_dims, config)
+        self.model.to_empty(device=self.device)
+        init_weights(self.model, reference, layer_names, t.seed, self.device)
+        del reference
+        self.model.train()
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.autocast_dtype = (
+            torch.bfloat16 if t.mixed_precision_param == "bfloat16" and not self.parallel_dims.dp_enabled else None
+        )
+
+        from flame.data import build_dataloader
+
+        self.dataloader = build_dataloader(t, self.tokenizer, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size)
+        self.optimizers = build_optimizers(self.model, config)
+        self.lr_schedulers = build_lr_schedulers(self.optimizers, config)
+        self.state = TrainState()
+        self.checkpointer = Checkpointer(
+            config,
+            model=self.model,
+            optimizers=self.optimizers,
+            lr_schedulers=self.lr_schedulers,
+            dataloader=self.dataloader,
+            train_state=self.state,
+            device=self.device,
+        )
+        torch.manual_seed(t.seed + self.rank)  # dropout differs per rank; restored on resume
+        resumed = self.checkpointer.load()
+        if self.rank == 0:
+            os.makedirs(config.job.dump_folder, exist_ok=True)
+            save_toml(config, os.path.join(config.job.dump_folder, "config.toml"))
+        self.metrics = MetricsLogger(config, rank=self.rank, resume_step=self.state.step, run_config=to_dict(config))
+        logger.info(
+            "model %s: %.2fM parameters; world %d (dp_replicate %d, dp_shard %d) on %s; %s",
+            type(self.model).__name__,
+            self.num_params * (self.parallel_dims.dp_shard if self.parallel_dims.dp_shard_enabled else 1) / 1e6,
+            self.world_size,
+            self.parallel_dims.dp_replicate,
+            self.parallel_dims.dp_shard,
+            self.device,
+            f"resumed at step {self.state.step}" if resumed else "fresh start",
+        )
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], num_global_tokens: torch.Tensor) -> torch.Tensor:
+        """Sum of token losses of one micro-batch; backward of its share of the global mean."""
+        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            logits = self.model(input_ids=input_ids).logits
+        loss_sum = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        # Gradient reduction averages over data-parallel ranks; scale so the result is the mean over
+        # every target token of the global batch (not a mean of per-micro-batch means).
+        (loss_sum * self.dp_world_size / num_global_tokens).backward()
+        return loss_sum.detach()
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        t = self.config.training
+        local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+        num_tokens = torch.tensor(float(local_tokens), device=self.device)
+        if self.loss_mesh is not None:
+            dist.all_reduce(num_tokens, group=self.loss_mesh.get_group())
+        loss_sum = sum(self.forward_backward(b, num_tokens) for b in batches)
+        grad_norm = dist_utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.grad is not None],
+            t.max_norm if t.max_norm > 0 else math.inf,
+            foreach=True,
+        )
+        skipped = t.skip_nan_inf and not torch.isfinite(grad_norm).item()
+        if skipped:
+            self.state.skipped_steps += 1
+            logger.warning("step %d: gradient norm is %s; step skipped", self.state.step, grad_norm.item())
+        else:
+            self.optimizers.step()
+        self.lr_schedulers.step()
+        self.optimizers.zero_grad()
+        return {"loss_sum": loss_sum, "num_tokens": num_tokens, "grad_norm": grad_norm, "local_tokens": local_tokens}
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            yield from self.dataloader
+
+    def train(self) -> dict[str, Any]:
+        """Train until ``training.steps``; return the last logged metrics."""
+        t, m = self.config.training, self.config.metrics
+        data = self._batches()
+        if t.gc_freq > 0:
+            gc.disable()  # collected every gc_freq steps instead, at the same point on every rank
+        run_start = time.perf_counter() - self.state.elapsed_seconds
+        window = {"start": time.perf_counter(), "step": self.state.step, "tokens": 0, "data_wait": 0.0}
+        pending_tokens = torch.zeros((), device=self.device)
+        last: dict[str, Any] = {}
+        first_step = self.state.step + 1
+        while self.state.step < t.steps:
+            self.state.step += 1
+            step = self.state.step
+            if t.gc_freq > 0 and step % t.gc_freq == 0:
+                gc.collect(1)
+            fetch_start = time.perf_counter()
+            batches = [next(data) for _ in range(t.gradient_accumulation_steps)]
+            window["data_wait"] += time.perf_counter() - fetch_start
+            lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
+            out = self.train_step(batches)
+            window["tokens"] += out["local_tokens"]
+            pending_tokens += out["num_tokens"]
+            if step == first_step:
+                set_collective_timeout(self.config.comm.train_timeout_seconds)
+            is_last = step == t.steps
+            if step % m.log_freq == 0 or is_last:
+                last = self._log(step, lr, out, window, run_start)
+                window = {"start": time.perf_counter(), "step": step, "tokens": 0, "data_wait": 0.0}
+            self.state.elapsed_seconds = time.perf_counter() - run_start
+            if is_last or self.checkpointer.should_save(step):
+                self.state.tokens_seen += int(pending_tokens.item())
+                pending_tokens.zero_()
+                self.checkpointer.save(step, last_step=is_last)
+        if t.gc_freq > 0:
+            gc.enable()
+        return last
+
+    def _log(self, step: int, lr: float, out: dict[str, Any], window: dict[str, Any], run_start: float) -> dict:
+        loss_sum = out["loss_sum"].clone()
+        if self.loss_mesh is not None:
+            dist.all_reduce(loss_sum, group=self.loss_mesh.get_group())
+        now = time.perf_counter()
+        seconds = max(now - window["start"], 1e-9)
+        record = {
+            "step": step,
+            "loss": (loss_sum / out["num_tokens"]).item(),
+            "grad_norm": out["grad_norm"].item(),
+            "lr": lr,
+            "tokens_per_second": window["tokens"] / seconds,
+            "data_wait_share": window["data_wait"] / seconds,
+            "skipped_steps": self.state.skipped_steps,
+            "elapsed_seconds": now - run_start,
+            "eta_seconds": seconds / max(step - window["step"], 1) * (self.config.training.steps - step),
+        }
+        self.metrics.log(record)
+        return record
+
+    def close(self) -> None:
+        """Finish pending saves and close sinks; tear down the process group if we created it."""
+        self.checkpointer.close()
+        self.metrics.close()
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(config: JobConfig) -> dict[str, Any]:
+    """Train with ``config`` in this process (one rank, or one rank of a torchrun job)."""
+    trainer = Trainer(config)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
