@@ -30,6 +30,7 @@ from flame.distributed.setup import device_for_rank, init_distributed, set_colle
 from flame.models.adapters import adapter_for
 from flame.models.build import build_meta_model, import_custom_models, init_weights, load_model_config
 from flame.models.parallelize import parallelize
+
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.distributed.parallel_dims import ParallelDims
 

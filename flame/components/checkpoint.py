@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
 from flame.config.schema import JobConfig
+
 from torchtitan.components.checkpointer import CheckpointManager
 
 

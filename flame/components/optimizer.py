@@ -15,6 +15,7 @@ from torch import nn
 
 import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
 from flame.config.schema import JobConfig
+
 from torchtitan.components.optimizer import LRSchedulersContainer, OptimizersContainer
 from torchtitan.components.optimizer.optimizer import ParamGroupConfig
 

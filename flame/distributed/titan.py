@@ -8,6 +8,7 @@ point it at the device that really exists. Import torchtitan through this module
 from __future__ import annotations
 
 import torch
+
 import torchtitan.tools.utils as _tt_utils
 
 if not torch.cuda.is_available():

@@ -13,6 +13,7 @@ import logging
 import torch
 from torch import nn
 
+import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
 from flame.config.schema import JobConfig
 from flame.models.adapters import ModelAdapter
 
@@ -23,7 +24,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def apply_activation_checkpointing(decoder: nn.Module, mode: str, option: str) -> None:
     """Checkpoint decoder layers: all of them (full), every Nth (selective N), or per op (selective op)."""
-    import flame.distributed.titan  # noqa: F401
     from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
 
     if mode == "full":
