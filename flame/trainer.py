@@ -87,6 +87,7 @@ class Trainer:
         # Model: meta build -> parallelise -> materialise -> layout-independent init.
         self.model = build_meta_model(model_config)
         self.adapter = adapter_for(model_config.model_type)
+        self.model_name = type(self.model).__name__
         reference = copy.deepcopy(self.model)
         layer_names = set(self.adapter.layer_names(self.model))
         parallelize(self.model, self.adapter, self.parallel_dims, config)
@@ -94,7 +95,7 @@ class Trainer:
         init_weights(self.model, reference, layer_names, t.seed, self.device)
         del reference
         self.model.train()
-        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.num_params = sum(p.numel() for p in self.model.parameters())  # DTensor numel is the global one
         self.autocast_dtype = (
             torch.bfloat16 if t.mixed_precision_param == "bfloat16" and not self.parallel_dims.dp_enabled else None
         )
@@ -122,8 +123,8 @@ class Trainer:
         self.metrics = MetricsLogger(config, rank=self.rank, resume_step=self.state.step, run_config=to_dict(config))
         logger.info(
             "model %s: %.2fM parameters; world %d (dp_replicate %d, dp_shard %d) on %s; %s",
-            type(self.model).__name__,
-            self.num_params * (self.parallel_dims.dp_shard if self.parallel_dims.dp_shard_enabled else 1) / 1e6,
+            self.model_name,
+            self.num_params / 1e6,
             self.world_size,
             self.parallel_dims.dp_replicate,
             self.parallel_dims.dp_shard,

@@ -1,0 +1,35 @@
+# flame: `make demo` trains the demo model end to end; `make test` runs the test suite.
+# Each target creates .venv on first use (CPU torch 2.13.0 unless a torch is already there) and reuses it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export WANDB_MODE ?= offline
+
+.PHONY: venv demo test test-slow check clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: venv
+	bash scripts/demo.sh
+
+test: venv
+	$(PY) -m pytest -q --durations=15
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow
+
+check: venv
+	$(VENV)/bin/ruff check flame custom_models tests benchmarks scripts
+	$(VENV)/bin/ruff format --check flame custom_models tests benchmarks scripts
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf outputs/demo data/demo

@@ -1,0 +1,43 @@
+"""``python -m flame.utils.resolve <train flags>``: the resolved facts a launcher needs, as shell lines.
+
+train.sh reads the dump folder, step count and conversion inputs from the fully resolved config
+(defaults, TOML and flags together) rather than by grepping its own arguments. Bad flags fail here,
+before any process is launched, with the trainer's own message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+from flame.config.errors import ConfigError
+from flame.config.loader import parse_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if any(a in ("-h", "--help") for a in argv):
+        return 0  # train.sh then runs flame.train -h
+    try:
+        config = parse_args(argv)
+    except ConfigError as e:
+        print(f"flame: error: {e.format()}", file=sys.stderr)
+        return 2
+    values = {
+        "FLAME_DUMP_FOLDER": config.job.dump_folder,
+        "FLAME_STEPS": config.training.steps,
+        "FLAME_CHECKPOINT": int(config.checkpoint.enable_checkpoint),
+        "FLAME_CHECKPOINT_FOLDER": config.checkpoint.folder,
+        "FLAME_MODEL_CONFIG": config.model.config,
+        "FLAME_TOKENIZER": config.model.tokenizer_path,
+        "FLAME_CUSTOM_MODEL_PATH": config.experimental.custom_model_path,
+        "FLAME_SEED_CHECKPOINT": int(config.checkpoint.create_seed_checkpoint),
+    }
+    for key, value in values.items():
+        print(f"{key}={shlex.quote(str(value))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Shared helpers for tests that launch real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The environment for child processes: offline, the repo on the path, one thread per process."""
+    e = dict(os.environ)
+    e.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        WANDB_MODE="offline",
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS=e.get("OMP_NUM_THREADS", "1"),
+        PYTHON=PYTHON,
+    )
+    e.update(extra)
+    return e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], *, check: bool = True, timeout: int = 600, **extra_env: str) -> subprocess.CompletedProcess:
+    """Run a command; on an unexpected failure, show its whole output."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    return proc
+
+
+def train(args: list[str], **kw) -> subprocess.CompletedProcess:
+    """``python -m flame.train`` in a fresh process."""
+    return run([PYTHON, "-m", "flame.train", *args], **kw)
+
+
+def torchrun(nproc: int, args: list[str], *, module: str = "flame.train", **kw) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=nproc -m module args`` on a free port (gloo on CPU)."""
+    cmd = [
+        PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{free_port()}", "-m", module, *args,
+    ]  # fmt: skip
+    return run(cmd, **kw)
+
+
+def read_metrics(dump_folder: str | Path) -> list[dict]:
+    with open(Path(dump_folder) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]

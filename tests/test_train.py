@@ -1,0 +1,105 @@
+"""End-to-end training in real processes: layouts agree, resume is exact, bad input exits 2."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.helpers import ROOT, read_metrics, run, torchrun, train
+
+# fp32 on CPU: the same global batch on 1 or 2 ranks differs only by the order of float sums.
+LOSS_TOL = 1e-5
+GRAD_NORM_REL_TOL = 1e-4
+
+
+def _pairs(a: list[dict], b: list[dict]) -> list[tuple[dict, dict]]:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    return list(zip(a, b, strict=True))
+
+
+def test_fsdp2_two_ranks_match_one_process(train_args, tmp_path):
+    train(train_args("single", training__batch_size=4))
+    torchrun(2, train_args("fsdp", training__batch_size=2))
+    single, fsdp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "fsdp")
+    assert len(single) == 10
+    for a, b in _pairs(single, fsdp):
+        assert abs(a["loss"] - b["loss"]) <= LOSS_TOL, (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= GRAD_NORM_REL_TOL * a["grad_norm"], (a, b)
+        assert a["lr"] == b["lr"]
+    assert single[-1]["loss"] < single[0]["loss"] - 0.5  # it learns
+
+
+def test_gradient_accumulation_matches_the_large_batch(train_args, tmp_path):
+    train(train_args("large", training__batch_size=4, training__steps=4))
+    train(train_args("accum", training__batch_size=2, training__gradient_accumulation_steps=2, training__steps=4))
+    for a, b in _pairs(read_metrics(tmp_path / "large"), read_metrics(tmp_path / "accum")):
+        assert abs(a["loss"] - b["loss"]) <= LOSS_TOL, (a, b)
+
+
+def test_resume_continues_with_identical_losses(train_args, tmp_path):
+    args = train_args("run", checkpoint__enable_checkpoint="true", checkpoint__interval=4)
+    train(args)
+    uninterrupted = read_metrics(tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoint"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-10", "step-4", "step-8"]
+    # Drop the last checkpoint as if the job had died after step 9: it resumes from step 8.
+    shutil.rmtree(ckpt / "step-10")
+    resumed_run = train(args)
+    assert "resumed at step 8" in resumed_run.stdout
+    resumed = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in resumed] == list(range(1, 11))  # records past step 8 were replaced
+    for a, b in _pairs(uninterrupted, resumed):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] and a["lr"] == b["lr"], (a, b)
+
+
+def test_run_folder_holds_config_and_metrics(train_args, tmp_path):
+    from flame.config.loader import load_toml, parse_args
+
+    args = train_args("run", training__steps=3)
+    train(args)
+    saved = load_toml(str(tmp_path / "run" / "config.toml"))
+    assert saved == parse_args(args)
+    record = read_metrics(tmp_path / "run")[-1]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_second", "elapsed_seconds"):
+        assert key in record
+    assert record["tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ({"training__stesp": 3}, "--training.steps"),
+        ({"training__steps": "ten"}, "expected integer"),
+        ({"training__steps": 0}, "--training.steps must be a positive integer"),
+        ({"model__config": "/nonexistent/model.json"}, "/nonexistent/model.json"),
+        ({"model__tokenizer_path": "/nonexistent/tok"}, "/nonexistent/tok"),
+        ({"training__data_files": "/nonexistent/*.jsonl"}, "/nonexistent/*.jsonl"),
+        ({"training__data_parallel_shard_degree": 3}, "multiply to 3"),
+        ({"training__tensor_parallel_degree": 2}, "not supported yet"),
+        ({"float8__enable_float8_linear": "true"}, "needs a CUDA GPU"),
+    ],
+)
+def test_bad_input_exits_2_without_touching_the_dump_folder(train_args, tmp_path, override, needle):
+    dump = tmp_path / "run"
+    dump.mkdir()
+    (dump / "metrics.jsonl").write_text("precious\n")
+    proc = train(train_args("run", **override), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert sorted(p.name for p in dump.iterdir()) == ["metrics.jsonl"]
+    assert (dump / "metrics.jsonl").read_text() == "precious\n"
+
+
+def test_train_sh_help_lists_every_section():
+    proc = run(["bash", str(ROOT / "train.sh"), "-h"])
+    for section in ("[job]", "[model]", "[optimizer]", "[lr_scheduler]", "[training]", "[checkpoint]", "[metrics]"):
+        assert section in proc.stdout
+    assert "--training.data_parallel_shard_degree" in proc.stdout
+
+
+def test_train_sh_rejects_bad_flags_before_launching(tmp_path):
+    proc = run(["bash", str(ROOT / "train.sh"), "--training.nope", "1"], check=False)
+    assert proc.returncode == 2
+    assert "unknown flag --training.nope" in proc.stderr
