@@ -1,0 +1,22 @@
+"""flame's data path: text sources -> tokenized, packed, sharded, resumable batches.
+
+``build_dataloader(training, tokenizer, dp_rank=r, dp_world_size=w)`` is the entry point the
+trainer uses; ``python -m flame.data.demo`` builds a small real corpus and tokenizer.
+
+``build_dataloader`` is imported lazily (PEP 562) so that ``flame.data.demo`` and the
+source checks do not pay for importing torchtitan and datasets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["build_dataloader"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "build_dataloader":
+        from flame.data.loader import build_dataloader
+
+        return build_dataloader
+    raise AttributeError(f"module 'flame.data' has no attribute {name!r}")

@@ -1,0 +1,249 @@
+"""Finding, checking and loading the text source named by ``--training.dataset``.
+
+A source is one of:
+
+* a ``datasets`` builder name (``json``, ``parquet``, ``text``, ``arrow``, ``csv``, ...) with
+  ``--training.data_files`` and/or ``--training.data_dir``;
+* a local data file (``.jsonl``, ``.json``, ``.parquet``, ``.txt``, ``.csv``, ``.arrow``): its
+  builder is taken from the extension;
+* a local folder, either one written by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk``
+  (read with ``load_from_disk``) or a folder of data files (read with ``load_dataset``, which
+  infers splits from the file names, e.g. ``train.jsonl`` and ``validation.jsonl``);
+* anything else is taken as a Hugging Face hub dataset name.
+
+``--training.data_files`` holds one entry per dataset; one entry may name several files or
+globs separated by ``;`` (e.g. ``"a/*.jsonl;b/extra.jsonl"``). Relative entries are resolved
+the way ``datasets`` resolves them: against ``--training.data_dir`` (or the working directory)
+for a builder, against the folder (plus ``data_dir``) for a local folder.
+
+Everything that can be checked on the local disk is checked before ``datasets`` does any work,
+so a typo fails in milliseconds with a message naming the flag, not deep inside a worker.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from flame.config.errors import ConfigError
+
+# Builder names that `datasets` ships (datasets.packaged_modules); kept here so that checking a
+# source does not need to import `datasets` (about a second) just to classify a name.
+BUILDERS = frozenset({"csv", "json", "pandas", "parquet", "arrow", "text", "xml", "hdf5", "webdataset", "lance"})
+# File extension -> builder, for a dataset given as a single local file.
+EXTENSION_BUILDERS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".csv": "csv",
+    ".arrow": "arrow",
+}
+_STRING_DTYPES = ("string", "large_string")
+
+
+@dataclass
+class Source:
+    """One checked dataset source; ``kind`` is "builder", "folder", "disk" or "hub"."""
+
+    spec: str  # the --training.dataset entry as given (used in messages)
+    kind: str
+    path: str  # what load_dataset / load_from_disk receives
+    name: str = ""
+    split: str = "train"
+    data_dir: str = ""
+    data_files: list[str] = field(default_factory=list)
+
+
+def split_data_files(entry: str) -> list[str]:
+    """Split one ``--training.data_files`` entry on ``;`` into its paths/globs (blanks dropped)."""
+    return [part.strip() for part in entry.split(";") if part.strip()]
+
+
+def _entry(values: list[Any], index: int, default: Any) -> Any:
+    """The per-dataset entry ``index`` of a list flag; a missing or empty entry means default."""
+    if index < len(values) and values[index] not in ("", None):
+        return values[index]
+    return default
+
+
+def _check_files(spec: str, patterns: list[str], base: str) -> None:
+    """Raise ConfigError for each data_files path/glob (relative to ``base``) that finds nothing."""
+    problems = []
+    for pattern in patterns:
+        if "://" in pattern:  # remote (hf://, s3://...): only datasets can check it
+            continue
+        path = os.path.expanduser(pattern)
+        if not os.path.isabs(path):
+            path = os.path.join(base, path)
+        if glob.has_magic(path):
+            if not [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]:
+                problems.append(
+                    f"--training.data_files {pattern!r} (dataset {spec!r}): the glob matches no "
+                    f"files (looked in {os.path.dirname(path) or '.'!r})"
+                )
+        elif os.path.isdir(path):
+            problems.append(
+                f"--training.data_files {pattern!r} (dataset {spec!r}) is a folder; give files or "
+                "a glob such as 'folder/*.jsonl', or pass the folder as --training.data_dir"
+            )
+        elif not os.path.isfile(path):
+            problems.append(f"--training.data_files {pattern!r} (dataset {spec!r}): no such file ({path!r})")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _is_saved_to_disk(folder: str) -> bool:
+    """True for a folder written by Dataset.save_to_disk or DatasetDict.save_to_disk."""
+    has = lambda name: os.path.isfile(os.path.join(folder, name))  # noqa: E731
+    return has("dataset_dict.json") or (has("state.json") and has("dataset_info.json"))
+
+
+def _looks_local(spec: str) -> bool:
+    """A spec that can only mean a local path (hub names are "owner/name" or "name")."""
+    return (
+        spec.startswith(("/", "./", "../", "~"))
+        or os.path.splitext(spec)[1].lower() in EXTENSION_BUILDERS
+        or spec.count("/") > 1
+    )
+
+
+def resolve_source(training: Any, index: int = 0) -> Source:
+    """Classify and check dataset ``index`` of the training section; no data is read.
+
+    Raises ConfigError for a missing file/folder, a data_files glob matching nothing, a builder
+    without files, or data_files/data_dir given where they cannot apply.
+    """
+    spec = str(training.dataset[index]).strip()
+    name = _entry(training.dataset_name, index, "")
+    split = _entry(getattr(training, "dataset_split", []), index, "train")
+    data_dir = _entry(getattr(training, "data_dir", []), index, "")
+    files = split_data_files(_entry(getattr(training, "data_files", []), index, ""))
+    src = Source(spec, "hub", spec, name, split, data_dir, files)
+
+    if spec in BUILDERS:
+        src.kind = "builder"
+        if not files and not data_dir:
+            raise ConfigError(
+                f"--training.dataset {spec!r} is a datasets builder and needs "
+                "--training.data_files (paths or globs, several separated by ';') or "
+                "--training.data_dir"
+            )
+        if data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
+            raise ConfigError(f"--training.data_dir {data_dir!r} (dataset {spec!r}): no such folder")
+        src.data_dir = os.path.expanduser(data_dir)
+        _check_files(spec, files, src.data_dir or os.getcwd())
+        return src
+
+    local = os.path.expanduser(spec)
+    if os.path.isfile(local):
+        builder = EXTENSION_BUILDERS.get(os.path.splitext(local)[1].lower())
+        if builder is None:
+            raise ConfigError(
+                f"--training.dataset {spec!r} is a file with an unknown extension; allowed: "
+                f"{', '.join(sorted(EXTENSION_BUILDERS))} (or name a builder such as 'json' and "
+                "pass the file as --training.data_files)"
+            )
+        if files or data_dir:
+            raise ConfigError(
+                f"--training.dataset {spec!r} is a single file; --training.data_files and "
+                "--training.data_dir do not apply to it"
+            )
+        src.kind, src.path, src.data_files = "builder", builder, [local]
+        return src
+
+    if os.path.isdir(local):
+        src.path = local
+        if _is_saved_to_disk(local):
+            src.kind = "disk"
+            if files or data_dir or name:
+                raise ConfigError(
+                    f"--training.dataset {spec!r} is a folder written by save_to_disk; "
+                    "--training.dataset_name, --training.data_files and --training.data_dir do "
+                    "not apply to it"
+                )
+            return src
+        src.kind = "folder"
+        base = os.path.join(local, data_dir) if data_dir else local
+        if data_dir and not os.path.isdir(base):
+            raise ConfigError(f"--training.data_dir {data_dir!r} (dataset {spec!r}): no such folder {base!r}")
+        _check_files(spec, files, base)
+        return src
+
+    if _looks_local(spec):
+        raise ConfigError(f"--training.dataset {spec!r}: no such file or folder")
+    return src  # a hub name: only `datasets` can tell whether it exists
+
+
+def load_source(src: Source):
+    """Load a checked source as one ``datasets.Dataset`` split (non-streaming).
+
+    Any error from ``datasets`` is re-raised as ConfigError naming the dataset, with the
+    original error chained for debugging.
+    """
+    import datasets
+
+    label = f"--training.dataset {src.spec!r}"
+    try:
+        if src.kind == "disk":
+            ds = datasets.load_from_disk(src.path)
+            if isinstance(ds, datasets.DatasetDict):
+                if src.split not in ds:
+                    raise ConfigError(
+                        f"--training.dataset_split {src.split!r}: dataset {src.spec!r} has the splits {sorted(ds)}"
+                    )
+                ds = ds[src.split]
+        else:
+            ds = datasets.load_dataset(
+                src.path,
+                name=src.name or None,
+                split=src.split,
+                data_dir=src.data_dir or None,
+                data_files=src.data_files or None,
+            )
+    except ConfigError:
+        raise
+    except Exception as exc:  # datasets raises many types (ValueError, FileNotFoundError, ...)
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        where = " (no local file or folder has that name either)" if src.kind == "hub" else ""
+        raise ConfigError(
+            f"{label}: the datasets library could not load it{where} ({type(exc).__name__}: "
+            f"{detail}); check the name, --training.dataset_name, --training.dataset_split, "
+            "--training.data_files and --training.data_dir"
+        ) from exc
+    if not isinstance(ds, datasets.Dataset):
+        raise ConfigError(f"{label}: expected one split, got {type(ds).__name__}")
+    if len(ds) == 0:
+        raise ConfigError(f"{label} (split {src.split!r}) has no rows")
+    return ds
+
+
+def pick_text_column(ds: Any, requested: str, spec: str) -> str:
+    """Return the text column to train on: ``requested``, else ``text``, else ``content``.
+
+    Raises ConfigError naming the dataset, the columns found and ``--training.text_column``
+    when the column is missing or does not hold strings.
+    """
+    columns = list(ds.column_names)
+    if requested:
+        if requested not in columns:
+            raise ConfigError(
+                f"--training.text_column {requested!r}: dataset {spec!r} has no such column (columns found: {columns})"
+            )
+        column = requested
+    else:
+        column = next((c for c in ("text", "content") if c in columns), "")
+        if not column:
+            raise ConfigError(
+                f"dataset {spec!r} has neither a 'text' nor a 'content' column (columns found: "
+                f"{columns}); name the column to train on with --training.text_column"
+            )
+    feature = ds.features[column]
+    if getattr(feature, "dtype", None) not in _STRING_DTYPES:
+        raise ConfigError(
+            f"column {column!r} of dataset {spec!r} holds non-string values ({feature}); "
+            "--training.text_column must name a column of strings"
+        )
+    return column

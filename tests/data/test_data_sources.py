@@ -1,0 +1,153 @@
+"""Loading the supported kinds of sources, and clear ConfigErrors for bad ones."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from flame.config.errors import ConfigError
+from flame.data import build_dataloader
+from flame.data.sources import load_source, resolve_source, split_data_files
+
+
+def _rows(cfg) -> int:
+    return len(load_source(resolve_source(cfg)))
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def test_missing_file_names_the_file(tmp_path, tokenizer, make_training):
+    missing = str(tmp_path / "nope.jsonl")
+    for cfg in (
+        make_training(dataset=["json"], data_files=[missing]),
+        make_training(dataset=[missing]),
+    ):
+        with pytest.raises(ConfigError, match=r"nope.jsonl"):
+            build_dataloader(cfg, tokenizer)
+
+
+def test_glob_matching_nothing_names_the_glob(tmp_path, tokenizer, make_training, helpers):
+    helpers.write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
+    cfg = make_training(dataset=["parquet"], data_files=[str(tmp_path / "*.parquet")])
+    with pytest.raises(ConfigError, match=r"\*\.parquet.*matches no files"):
+        build_dataloader(cfg, tokenizer)
+
+
+def test_missing_text_column_names_dataset_columns_and_flag(tmp_path, tokenizer, make_training, helpers):
+    path = helpers.write_jsonl(tmp_path / "body.jsonl", [{"body": "x", "id": 1}] * 4)
+    with pytest.raises(ConfigError) as err:
+        build_dataloader(make_training(dataset=[path]), tokenizer)
+    message = str(err.value)
+    assert "body.jsonl" in message and "'body'" in message and "--training.text_column" in message
+
+    with pytest.raises(ConfigError, match=r"'article'.*no such column"):
+        build_dataloader(make_training(dataset=[path], text_column="article"), tokenizer)
+
+
+def test_non_string_text_column(tmp_path, tokenizer, make_training, helpers):
+    path = helpers.write_jsonl(tmp_path / "ints.jsonl", [{"text": i} for i in range(4)])
+    with pytest.raises(ConfigError, match=r"non-string"):
+        build_dataloader(make_training(dataset=[path]), tokenizer)
+
+
+def test_builder_error_becomes_config_error(tmp_path, tokenizer, make_training):
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": unquoted}\n')
+    with pytest.raises(ConfigError, match=r"broken.jsonl.*could not load") as err:
+        build_dataloader(make_training(dataset=[str(bad)]), tokenizer)
+    assert err.value.__cause__ is not None  # the datasets error stays chained for debugging
+
+
+def test_unknown_split_and_unknown_hub_name(corpus, tokenizer, make_training):
+    path, _ = corpus
+    with pytest.raises(ConfigError, match=r"could not load"):
+        build_dataloader(make_training(dataset=[path], dataset_split=["test"]), tokenizer)
+    with pytest.raises(ConfigError, match=r"no-such-owner/no-such-dataset"):
+        build_dataloader(make_training(dataset=["no-such-owner/no-such-dataset"]), tokenizer)
+
+
+def test_builder_without_files_and_missing_data_dir(tmp_path, tokenizer, make_training):
+    with pytest.raises(ConfigError, match=r"--training.data_files"):
+        build_dataloader(make_training(dataset=["json"]), tokenizer)
+    with pytest.raises(ConfigError, match=r"--training.data_dir 'nowhere'"):
+        build_dataloader(make_training(dataset=["json"], data_dir=["nowhere"]), tokenizer)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"dataset": ["a.jsonl", "b.jsonl"]},
+        {"streaming": True},
+        {"varlen": True},
+    ],
+)
+def test_later_features_are_not_supported_yet(corpus, tokenizer, make_training, overrides):
+    path, _ = corpus
+    cfg = make_training(**{"dataset": [path], **overrides})
+    with pytest.raises(ConfigError, match=r"not supported yet"):
+        build_dataloader(cfg, tokenizer)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def test_split_data_files():
+    assert split_data_files(" a.jsonl ; dir/*.jsonl;;") == ["a.jsonl", "dir/*.jsonl"]
+
+
+def test_builder_with_several_files_glob_and_data_dir(tmp_path, make_training, helpers):
+    (tmp_path / "part").mkdir()
+    helpers.write_jsonl(tmp_path / "part" / "a.jsonl", [{"text": "a"}] * 3)
+    helpers.write_jsonl(tmp_path / "part" / "b.jsonl", [{"text": "b"}] * 4)
+    helpers.write_jsonl(tmp_path / "c.jsonl", [{"text": "c"}] * 5)
+    files = f"{tmp_path}/part/*.jsonl;{tmp_path}/c.jsonl"
+    assert _rows(make_training(dataset=["json"], data_files=[files])) == 12
+    # relative data_files resolve against data_dir, as in datasets
+    cfg = make_training(dataset=["json"], data_dir=[str(tmp_path)], data_files=["part/a.jsonl"])
+    assert _rows(cfg) == 3
+    cfg = make_training(dataset=["json"], data_dir=[str(tmp_path)], data_files=["part/z.jsonl"])
+    with pytest.raises(ConfigError, match=r"part/z.jsonl"):
+        resolve_source(cfg)
+
+
+def test_local_folder_and_save_to_disk(tmp_path, make_training, helpers):
+    import datasets
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    helpers.write_jsonl(folder / "train.jsonl", [{"text": "t"}] * 6)
+    helpers.write_jsonl(folder / "validation.jsonl", [{"text": "v"}] * 2)
+    assert _rows(make_training(dataset=[str(folder)])) == 6
+    assert _rows(make_training(dataset=[str(folder)], dataset_split=["validation"])) == 2
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"content": ["a", "b", "c"]}).save_to_disk(str(saved))
+    src = resolve_source(make_training(dataset=[str(saved)]))
+    assert src.kind == "disk" and len(load_source(src)) == 3
+
+    saved_dict = tmp_path / "saved_dict"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"] * 4})}).save_to_disk(str(saved_dict))
+    assert _rows(make_training(dataset=[str(saved_dict)])) == 4
+    with pytest.raises(ConfigError, match=r"'validation'.*splits \['train'\]"):
+        _rows(make_training(dataset=[str(saved_dict)], dataset_split=["validation"]))
+
+
+def test_parquet_and_text_builders(tmp_path, tokenizer, make_training, helpers):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": helpers.make_docs(8)}).to_parquet(str(tmp_path / "d.parquet"))
+    assert _rows(make_training(dataset=["parquet"], data_files=[str(tmp_path / "*.parquet")])) == 8
+    lines = tmp_path / "lines.txt"
+    lines.write_text("one line\nanother line\nthird\n")
+    cfg = make_training(dataset=[str(lines)], seq_len=4, batch_size=1)
+    batch = next(iter(build_dataloader(cfg, tokenizer)))
+    assert batch["input_ids"].shape == (1, 4)
+
+
+def test_relative_paths_resolve_against_the_working_directory(tmp_path, make_training, helpers, monkeypatch):
+    helpers.write_jsonl(tmp_path / "rel.jsonl", [{"text": "r"}] * 2)
+    monkeypatch.chdir(tmp_path)
+    assert _rows(make_training(dataset=["json"], data_files=["rel.jsonl"])) == 2
+    assert _rows(make_training(dataset=[os.path.join(".", "rel.jsonl")])) == 2
