@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -38,7 +39,7 @@ def test_cosine_decay_to_lr_min():
     # step 3 is 1/8 into the decay, which ends at lr_min at step 10
     assert values[3] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 8)))
     assert values[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
-    assert all(a >= b for a, b in zip(values[2:], values[3:]))
+    assert all(a >= b for a, b in itertools.pairwise(values[2:]))
 
 
 def test_sqrt_decay():
