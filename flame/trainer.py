@@ -22,6 +22,7 @@ import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
 from flame.components.checkpoint import Checkpointer, TrainState
 from flame.components.metrics import MetricsLogger
 from flame.components.optimizer import build_lr_schedulers, build_optimizers
+from flame.components.profiling import maybe_profile
 from flame.config.errors import ConfigError
 from flame.config.loader import save_toml, to_dict
 from flame.config.schema import JobConfig
@@ -56,14 +57,14 @@ class Trainer:
     def __init__(self, config: JobConfig) -> None:
         self.config = config
         t = config.training
-        self.owns_process_group = init_distributed(config.comm.init_timeout_seconds)
+        self.owns_process_group = init_distributed(config.comm.init_timeout_seconds, config.comm.trace_buf_size)
         self.device = device_for_rank()
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         validate(config, self.world_size, self.device.type)
 
         import_custom_models(config.experimental.custom_model_path)
         self.tokenizer = load_tokenizer(config.model.tokenizer_path)
-        model_config = load_model_config(config.model.config, self.tokenizer)
+        model_config = load_model_config(config.model.config, self.tokenizer, config.model.norm_type)
 
         self.parallel_dims = ParallelDims(
             dp_replicate=t.data_parallel_replicate_degree,
@@ -129,7 +130,9 @@ class Trainer:
             self.parallel_dims.dp_replicate,
             self.parallel_dims.dp_shard,
             self.device,
-            f"resumed at step {self.state.step}" if resumed else "fresh start",
+            ("initial weights from step-0" if self.state.step == 0 else f"resumed at step {self.state.step}")
+            if resumed
+            else "fresh start",
         )
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -176,6 +179,13 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         """Train until ``training.steps``; return the last logged metrics."""
+        if self.config.checkpoint.create_seed_checkpoint:
+            self.checkpointer.save_seed()
+            return {}
+        with maybe_profile(self.config, self.rank, self.state.step) as profiler:
+            return self._train_loop(profiler)
+
+    def _train_loop(self, profiler) -> dict[str, Any]:
         t, m = self.config.training, self.config.metrics
         data = self._batches()
         if t.gc_freq > 0:
@@ -208,6 +218,8 @@ class Trainer:
                 self.state.tokens_seen += int(pending_tokens.item())
                 pending_tokens.zero_()
                 self.checkpointer.save(step, last_step=is_last)
+            if profiler is not None:
+                profiler.step()
         if t.gc_freq > 0:
             gc.enable()
         return last

@@ -9,6 +9,8 @@ step folder without it (a crash during the save) is never resumed from.
 from __future__ import annotations
 
 import io
+import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +22,8 @@ import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
 from flame.config.schema import JobConfig
 
 from torchtitan.components.checkpointer import CheckpointManager
+
+logger = logging.getLogger("flame")
 
 
 @dataclass
@@ -64,7 +68,7 @@ class Checkpointer:
         self, config: JobConfig, *, model, optimizers, lr_schedulers, dataloader, train_state: TrainState, device
     ):
         ck = config.checkpoint
-        self.enabled = ck.enable_checkpoint
+        self.enabled = ck.enable_checkpoint and not ck.create_seed_checkpoint
         self.interval_type = ck.interval_type
         self.interval = ck.interval
         self.load_step = ck.load_step
@@ -72,7 +76,7 @@ class Checkpointer:
         self._last_save_time = time.monotonic()
         self.manager = CheckpointManager(
             CheckpointManager.Config(
-                enable=ck.enable_checkpoint,
+                enable=ck.enable_checkpoint or ck.create_seed_checkpoint,
                 folder=ck.folder,
                 interval=1,  # flame decides when to save (steps or seconds); see should_save
                 keep_latest_k=ck.keep_latest_k,
@@ -92,7 +96,13 @@ class Checkpointer:
         )
 
     def load(self) -> bool:
-        """Resume from ``load_step`` (-1: the newest complete checkpoint); False on a fresh start."""
+        """Resume from ``load_step`` (-1: the newest complete checkpoint); False on a fresh start.
+
+        A model-only ``step-0`` (a seed checkpoint, or ``convert_hf_to_dcp`` output) gives the initial
+        weights and training starts at step 1.
+        """
+        if not self.enabled:
+            return False
         return self.manager.load(step=self.load_step)
 
     def should_save(self, step: int) -> bool:
@@ -112,6 +122,15 @@ class Checkpointer:
         if self.enabled:
             self.manager.save(step, last_step=last_step)
             self._last_save_time = time.monotonic()
+
+    def save_seed(self) -> str:
+        """Write the freshly initialised weights as a model-only ``step-0`` that any layout trains from."""
+        import torch.distributed.checkpoint as dcp
+
+        path = os.path.join(self.manager.folder, "step-0")
+        dcp.save(self.manager.states["model"].state_dict(), checkpoint_id=path)
+        logger.info("seed checkpoint written to %s", path)
+        return path
 
     def close(self) -> None:
         self.manager.maybe_wait_for_saving()

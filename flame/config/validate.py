@@ -35,13 +35,18 @@ GPU_ONLY: dict[str, tuple[object, str]] = {
         "float8 scale precomputation",
     ),
     "experimental.enable_async_tensor_parallel": (False, "async tensor parallelism"),
-    "optimizer.implementation": ("foreach", "fused optimizer kernels"),
     "checkpoint.async_mode": ("disabled", "pinned-memory async checkpointing"),
 }
-_GPU_ONLY_VALUES = {
-    "optimizer.implementation": "fused",
-    "checkpoint.async_mode": "async_with_pinned_mem",
-}
+_GPU_ONLY_VALUES = {"checkpoint.async_mode": "async_with_pinned_mem"}
+
+# Flags that only mean something together with another one: (flag, default, needs, condition text).
+DEPENDENT: list[tuple[str, object, str, str]] = [
+    ("experimental.pipeline_parallel_split_points", [], "experimental.pipeline_parallel_degree", "> 1"),
+    ("experimental.pipeline_parallel_microbatches", None, "experimental.pipeline_parallel_degree", "> 1"),
+    ("experimental.context_parallel_rotate_method", "allgather", "experimental.context_parallel_degree", "> 1"),
+    ("training.disable_loss_parallel", False, "training.tensor_parallel_degree", "> 1"),
+    ("activation_checkpoint.selective_ac_option", "2", "activation_checkpoint.mode", "= selective"),
+]
 
 
 def _get(config: JobConfig, dotted: str) -> object:
@@ -141,6 +146,16 @@ def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> No
             opt == "op" or (opt.isdigit() and int(opt) > 0),
             f"--activation_checkpoint.selective_ac_option must be 'op' or a positive layer frequency, got {opt!r}",
         )
+
+    for flag, default, needs, condition in DEPENDENT:
+        value, other = _get(config, flag), _get(config, needs)
+        active = other == "selective" if condition == "= selective" else other > 1  # type: ignore[operator]
+        if value != default and not active:
+            problems.append(f"--{flag} only applies with --{needs} {condition}; it would be ignored here")
+    if ck.create_seed_checkpoint:
+        need(world_size == 1, f"--checkpoint.create_seed_checkpoint runs on one process (NGPU=1), not {world_size}")
+        seed = os.path.join(config.job.dump_folder, ck.folder, "step-0")
+        need(not os.path.exists(seed), f"--checkpoint.create_seed_checkpoint: {seed} exists already; remove it first")
 
     _check_data(config, problems)
     _check_files(config, problems)

@@ -22,13 +22,16 @@ def device_for_rank() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(timeout_seconds: int) -> bool:
+def init_distributed(timeout_seconds: int, trace_buf_size: int = 0) -> bool:
     """Create the default process group if none exists; True if this call created it.
 
     NCCL on GPUs, gloo on CPU. A caller that already set one up (a notebook, a test) keeps it.
+    ``trace_buf_size`` sizes NCCL's flight recorder (the last collectives, dumped on a hang).
     """
     if dist.is_initialized():
         return False
+    if torch.cuda.is_available():
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(trace_buf_size))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(seconds=timeout_seconds)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:

@@ -52,10 +52,11 @@ def import_custom_models(path: str) -> None:
         ) from e
 
 
-def load_model_config(path: str, tokenizer=None):
+def load_model_config(path: str, tokenizer=None, norm_type: str = ""):
     """Read a model config with ``AutoConfig`` and reconcile it with the tokenizer.
 
-    ``path`` is a JSON file or a folder with ``config.json``. The vocabulary is set to the
+    ``path`` is a JSON file or a folder with ``config.json``. ``norm_type`` overrides the config's
+    ``norm_type`` for families that have one (an error for the others). The vocabulary is set to the
     tokenizer's size (so the embedding covers every token id), special token ids are copied from
     the tokenizer, and the KV cache is turned off (training never uses it, and it breaks
     activation checkpointing's recomputation).
@@ -72,6 +73,13 @@ def load_model_config(path: str, tokenizer=None):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"--model.config {path!r} cannot be read by AutoConfig: {first}") from e
     config.use_cache = False
+    if norm_type:
+        if not hasattr(config, "norm_type"):
+            raise ConfigError(
+                f"--model.norm_type: model family {config.model_type!r} has no norm_type setting in its "
+                "config; leave the flag unset for it"
+            )
+        config.norm_type = norm_type
     if tokenizer is not None:
         vocab = len(tokenizer)
         if getattr(config, "vocab_size", vocab) != vocab:

@@ -1,0 +1,175 @@
+"""Convert a training checkpoint (DCP, any sharding) into a Hugging Face model folder.
+
+    python -m flame.utils.convert_dcp_to_hf --path <dump_folder> --step <step> \\
+        --config <model config> --tokenizer <tokenizer> [--output <folder>] [--dtype bfloat16]
+
+The model is rebuilt from ``--config`` exactly as training built it (vocabulary matched to the tokenizer),
+its weights are read from ``<dump_folder>/checkpoint/step-<step>`` (optimizer and other training state are
+ignored), and ``save_pretrained`` writes safetensors, config.json, generation_config.json and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from torch import nn
+
+from flame.config.errors import ConfigError
+from flame.models.build import build_meta_model, canonical_name, import_custom_models, load_model_config
+from flame.utils._checkpoint_io import (
+    DTYPES,
+    flag_names,
+    loading_error,
+    run_cli,
+    single_process_dcp,
+    step_folder,
+    tensor_metadata,
+)
+
+
+def _load_tokenizer(tokenizer: str):
+    from transformers import AutoTokenizer
+
+    if not tokenizer:
+        raise ConfigError("--tokenizer is required: a folder or name that AutoTokenizer loads.")
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer)
+    except (OSError, ValueError) as e:
+        raise loading_error("--tokenizer", tokenizer, "AutoTokenizer", e) from e
+
+
+def _match_keys(model: nn.Module, stored: dict, checkpoint: str, config: str) -> dict[str, str]:
+    """Map each model state-dict key to its key in the checkpoint, checking that shapes agree.
+
+    Tied tensors (e.g. ``lm_head.weight`` and the embedding) need only one of their keys stored. Stored keys
+    may carry activation-checkpoint/compile wrapper prefixes.
+    """
+    by_name = {canonical_name(key): key for key in stored}
+    expected = model.state_dict(keep_vars=True)  # keep_vars: tied entries are the same Parameter object
+    found: dict[str, str] = {}
+    for key, tensor in expected.items():
+        if key in by_name:
+            shape = tuple(stored[by_name[key]][0])
+            if shape != tuple(tensor.shape):
+                raise ConfigError(
+                    f"{checkpoint}: {key} has shape {list(shape)} in the checkpoint but {list(tensor.shape)} "
+                    f"with --config {config}; convert with the model config the run was trained with."
+                )
+            found[key] = by_name[key]
+    if not found:
+        sample = ", ".join(sorted(stored)[:5])
+        raise ConfigError(f"{checkpoint} holds no weights of the model built from {config} (it holds: {sample}).")
+    loaded_ids = {id(expected[key]) for key in found}
+    missing = [key for key, tensor in expected.items() if key not in found and id(tensor) not in loaded_ids]
+    roots = tuple(f"{name}." for name, _ in model.named_children())
+    extra = sorted(name for name in by_name if name.startswith(roots) and name not in expected)
+    if missing or extra:
+        problem = f"lacks {missing[:3]} ({len(missing)} missing)" if missing else f"has {extra[:3]} ({len(extra)})"
+        raise ConfigError(
+            f"{checkpoint} {problem} compared with the model built from --config {config}; "
+            "convert with the model config the run was trained with."
+        )
+    return found
+
+
+def _load_weights(model: nn.Module, keys: dict[str, str], checkpoint: str) -> None:
+    """Read the matched keys from the DCP folder straight into the (materialised) model's tensors."""
+    import torch.distributed.checkpoint as dcp
+
+    state = model.state_dict()
+    request, owner, aliases = {}, {}, []
+    for key, stored_key in keys.items():
+        target = state[key]
+        ptr = target.untyped_storage().data_ptr()
+        if ptr in owner:  # a tied tensor stored under both names: load a copy and check that it agrees
+            aliases.append((key, owner[ptr]))
+            target = torch.empty_like(target)
+        else:
+            owner[ptr] = key
+        request[stored_key] = target
+    with single_process_dcp():
+        dcp.load(request, checkpoint_id=checkpoint)
+    for key, tied_to in aliases:
+        if not torch.equal(request[keys[key]], state[tied_to]):
+            raise ConfigError(
+                f"{checkpoint}: {key} and {tied_to} differ, but the config ties them; "
+                "set tie_word_embeddings to the value used in training."
+            )
+
+
+def convert_dcp_to_hf(
+    path: str,
+    step: int,
+    config: str,
+    tokenizer: str,
+    output: str | None = None,
+    dtype: str | None = None,
+    custom_model_path: str | None = None,
+) -> str:
+    """Write the model weights of ``<path>/checkpoint/step-<step>`` as a Hugging Face folder; returns the folder.
+
+    ``step=-1`` takes the latest complete step. ``output`` defaults to ``path`` (the dump folder; other files
+    there are kept). ``dtype`` (float32, bfloat16, float16) defaults to the dtype stored in the checkpoint.
+    Raises ``ConfigError`` on bad input (missing folders, a config that does not match the checkpoint).
+    """
+    from transformers import GenerationConfig
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}.")
+    checkpoint, step = step_folder(path, step)
+    output = os.path.abspath(output or path)
+    checkpoint_root = os.path.abspath(os.path.join(path, "checkpoint"))
+    if os.path.commonpath([output, checkpoint_root]) == checkpoint_root or os.path.exists(
+        os.path.join(output, ".metadata")
+    ):
+        raise ConfigError(f"--output {output!r} is (inside) a checkpoint folder; choose another folder.")
+    tok = _load_tokenizer(tokenizer)
+    with flag_names({"--model.config": "--config", "--experimental.custom_model_path": "--custom_model_path"}):
+        if custom_model_path:
+            import_custom_models(custom_model_path)
+        model = build_meta_model(load_model_config(config, tok))
+    stored = tensor_metadata(checkpoint)
+    keys = _match_keys(model, stored, checkpoint, config)
+    weights = [stored[k] for k in keys.values() if stored[k][1].is_floating_point]
+    stored_dtype = max((d for _, d in weights), key=lambda d: sum(s.numel() for s, t in weights if t == d))
+    model.to(dtype=stored_dtype).to_empty(device="cpu")
+    model.tie_weights()  # to_empty unties shared parameters
+    _load_weights(model, keys, checkpoint)
+    out_dtype = DTYPES[dtype] if dtype else stored_dtype
+    model.to(dtype=out_dtype).eval()
+
+    model.config.use_cache = True  # training turned the KV cache off; generation wants it
+    generation = GenerationConfig.from_model_config(model.config)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(generation, name, getattr(tok, name, None))
+    model.generation_config = generation
+    os.makedirs(output, exist_ok=True)
+    model.save_pretrained(output)
+    tok.save_pretrained(output)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"Wrote {output} from {checkpoint}: {params:,} parameters, {str(out_dtype).removeprefix('torch.')}")
+    return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m flame.utils.convert_dcp_to_hf",
+        description="Convert a DCP training checkpoint into a Hugging Face model folder (safetensors).",
+    )
+    parser.add_argument("--path", required=True, help="dump folder of the run (holds checkpoint/step-<N>)")
+    parser.add_argument("--step", type=int, required=True, help="step to convert; -1 = the latest complete step")
+    parser.add_argument("--config", required=True, help="model config used for training (JSON file or folder)")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer used for training (folder or name)")
+    parser.add_argument("--output", default=None, help="output folder (default: the dump folder, --path)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="weight dtype (default: as stored)")
+    parser.add_argument("--custom_model_path", default=None, help="module/folder that registers custom models")
+    args = parser.parse_args(argv)
+    convert_dcp_to_hf(
+        args.path, args.step, args.config, args.tokenizer, args.output, args.dtype, args.custom_model_path
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
