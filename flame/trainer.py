@@ -191,7 +191,7 @@ class Trainer:
         if t.gc_freq > 0:
             gc.disable()  # collected every gc_freq steps instead, at the same point on every rank
         run_start = time.perf_counter() - self.state.elapsed_seconds
-        window = {"start": time.perf_counter(), "step": self.state.step, "tokens": 0, "data_wait": 0.0}
+        window = self._new_window(self.state.step)
         pending_tokens = torch.zeros((), device=self.device)
         last: dict[str, Any] = {}
         first_step = self.state.step + 1
@@ -206,13 +206,14 @@ class Trainer:
             lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
             out = self.train_step(batches)
             window["tokens"] += out["local_tokens"]
+            window["loss"] += out["loss_sum"] / out["num_tokens"]  # this rank's share of the step's mean
             pending_tokens += out["num_tokens"]
             if step == first_step:
                 set_collective_timeout(self.config.comm.train_timeout_seconds)
             is_last = step == t.steps
             if step % m.log_freq == 0 or is_last:
                 last = self._log(step, lr, out, window, run_start)
-                window = {"start": time.perf_counter(), "step": step, "tokens": 0, "data_wait": 0.0}
+                window = self._new_window(step)
             self.state.elapsed_seconds = time.perf_counter() - run_start
             if is_last or self.checkpointer.should_save(step):
                 self.state.tokens_seen += int(pending_tokens.item())
@@ -224,22 +225,30 @@ class Trainer:
             gc.enable()
         return last
 
+    def _new_window(self, step: int) -> dict[str, Any]:
+        """Accumulators between two log lines (no device sync until the log step)."""
+        zero = torch.zeros((), device=self.device)
+        return {"start": time.perf_counter(), "step": step, "tokens": 0, "data_wait": 0.0, "loss": zero}
+
     def _log(self, step: int, lr: float, out: dict[str, Any], window: dict[str, Any], run_start: float) -> dict:
-        loss_sum = out["loss_sum"].clone()
+        """Log the loss averaged over the steps since the last log line (exactly the step's loss
+        with ``log_freq`` 1), the last step's gradient norm and lr, and window throughput."""
+        loss = window["loss"].clone()
         if self.loss_mesh is not None:
-            dist.all_reduce(loss_sum, group=self.loss_mesh.get_group())
+            dist.all_reduce(loss, group=self.loss_mesh.get_group())
+        num_steps = step - window["step"]
         now = time.perf_counter()
         seconds = max(now - window["start"], 1e-9)
         record = {
             "step": step,
-            "loss": (loss_sum / out["num_tokens"]).item(),
+            "loss": loss.item() / num_steps,
             "grad_norm": out["grad_norm"].item(),
             "lr": lr,
             "tokens_per_second": window["tokens"] / seconds,
             "data_wait_share": window["data_wait"] / seconds,
             "skipped_steps": self.state.skipped_steps,
             "elapsed_seconds": now - run_start,
-            "eta_seconds": seconds / max(step - window["step"], 1) * (self.config.training.steps - step),
+            "eta_seconds": seconds / num_steps * (self.config.training.steps - step),
         }
         self.metrics.log(record)
         return record

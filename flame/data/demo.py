@@ -7,8 +7,9 @@ benchmarks can train on real text without network access.
 
 Output folder::
 
-    train.jsonl        one {"text", "path"} record per source file (~98 %)
-    validation.jsonl   the rest, chosen by a stable hash of the file's relative path
+    train.jsonl        {"text", "path", "chunk"} records: files (~98 %) cut at blank lines into pieces of
+                       about 2,000 characters, so that a shuffled batch mixes many files
+    validation.jsonl   the other files, chosen by a stable hash of the file's relative path
     tokenizer/         byte-level BPE, loadable with transformers.AutoTokenizer
     manifest.json      what was built; a rerun with the same settings reuses the outputs
 
@@ -31,7 +32,8 @@ from typing import Any
 from flame.config.errors import ConfigError
 
 EOS = "<|endoftext|>"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
+CHUNK_CHARS = 2000  # documents are pieces of files, so a batch mixes many files
 VALIDATION_PER_10K = 200  # 2 % of files go to validation
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
@@ -73,6 +75,28 @@ def split_documents(docs: list[dict[str, str]]) -> tuple[list[dict], list[dict]]
     train = [d for d in docs if d["path"] not in val_paths]
     val = [d for d in docs if d["path"] in val_paths]
     return train, val
+
+
+def chunk_documents(docs: list[dict[str, str]], max_chars: int = CHUNK_CHARS) -> list[dict[str, Any]]:
+    """Cut each file at blank lines into pieces of at most about ``max_chars`` characters.
+
+    A whole stdlib file is ~5,000 tokens: packed rows would then come from one or two files per
+    batch and the loss would swing with the file at hand. Pieces keep their file's path; the
+    train/validation split is made on whole files before this, so no file is in both.
+    """
+    out: list[dict[str, Any]] = []
+    for doc in docs:
+        pieces, current = [], ""
+        for paragraph in doc["text"].split("\n\n"):
+            if current and len(current) + len(paragraph) + 2 > max_chars:
+                pieces.append(current)
+                current = paragraph
+            else:
+                current = f"{current}\n\n{paragraph}" if current else paragraph
+        if current.strip():
+            pieces.append(current)
+        out.extend({"text": piece, "path": doc["path"], "chunk": i} for i, piece in enumerate(pieces))
+    return out
 
 
 def _write_jsonl(path: str, docs: list[dict]) -> None:
@@ -170,16 +194,18 @@ def build_demo(
             continue
         docs.append({"text": text, "path": rel})
         text_bytes[rel] = len(raw)
-    train, val = split_documents(docs)
+    train_files, val_files = split_documents(docs)
+    train, val = chunk_documents(train_files), chunk_documents(val_files)
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(paths["manifest"]):
         os.remove(paths["manifest"])  # a half-finished rebuild must not look complete
     _write_jsonl(paths["train"], train)
     _write_jsonl(paths["validation"], val)
-    train_bytes = sum(text_bytes[d["path"]] for d in train)  # UTF-8 text, not JSON
-    val_bytes = sum(text_bytes[d["path"]] for d in val)
+    train_bytes = sum(text_bytes[d["path"]] for d in train_files)  # UTF-8 text, not JSON
+    val_bytes = sum(text_bytes[d["path"]] for d in val_files)
     say(
-        f"wrote {len(train)} train / {len(val)} validation documents "
+        f"wrote {len(train)} train / {len(val)} validation documents from "
+        f"{len(train_files)} / {len(val_files)} files "
         f"({skipped_utf8} not UTF-8, {skipped_empty} empty skipped)"
     )
 
@@ -193,6 +219,8 @@ def build_demo(
 
     manifest = {
         **key,
+        "train_files": len(train_files),
+        "validation_files": len(val_files),
         "train_documents": len(train),
         "validation_documents": len(val),
         "train_bytes": train_bytes,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,7 +80,9 @@ def _load_weights(model: nn.Module, keys: dict[str, str], checkpoint: str) -> No
     import torch.distributed.checkpoint as dcp
 
     state = model.state_dict()
-    request, owner, aliases = {}, {}, []
+    request: dict[str, torch.Tensor] = {}
+    owner: dict[int, str] = {}
+    aliases: list[tuple[str, str]] = []
     for key, stored_key in keys.items():
         target = state[key]
         ptr = target.untyped_storage().data_ptr()
@@ -129,7 +132,7 @@ def convert_dcp_to_hf(
     with flag_names({"--model.config": "--config", "--experimental.custom_model_path": "--custom_model_path"}):
         if custom_model_path:
             import_custom_models(custom_model_path)
-        model = build_meta_model(load_model_config(config, tok))
+        model: Any = build_meta_model(load_model_config(config, tok))  # a transformers PreTrainedModel
     stored = tensor_metadata(checkpoint)
     keys = _match_keys(model, stored, checkpoint, config)
     weights = [stored[k] for k in keys.values() if stored[k][1].is_floating_point]

@@ -21,6 +21,18 @@ def _read(path):
         return [json.loads(line) for line in f]
 
 
+def test_chunks_rebuild_their_file_and_stay_small():
+    from flame.data.demo import chunk_documents
+
+    paragraphs = [f"def f{i}():\n    return {i}" for i in range(200)]
+    text = "\n\n".join(paragraphs)
+    pieces = chunk_documents([{"text": text, "path": "a.py"}], max_chars=300)
+    assert len(pieces) > 5
+    assert [p["chunk"] for p in pieces] == list(range(len(pieces)))
+    assert "\n\n".join(p["text"] for p in pieces) == text
+    assert all(len(p["text"]) <= 300 for p in pieces)
+
+
 def test_demo_builds_both_splits_and_a_loadable_tokenizer(demo):
     from transformers import AutoTokenizer
 
@@ -28,7 +40,10 @@ def test_demo_builds_both_splits_and_a_loadable_tokenizer(demo):
     train, val = _read(demo["paths"]["train"]), _read(demo["paths"]["validation"])
     assert len(train) == demo["train_documents"] > 0
     assert len(val) == demo["validation_documents"] > 0
-    assert len(train) + len(val) + demo["skipped_not_utf8"] + demo["skipped_empty"] == 50
+    files = {r["path"] for r in train} | {r["path"] for r in val}
+    assert len(files) == demo["train_files"] + demo["validation_files"]
+    assert len(files) + demo["skipped_not_utf8"] + demo["skipped_empty"] == 50
+    assert len(train) > demo["train_files"]  # files are cut into pieces
     assert {r["path"] for r in train}.isdisjoint(r["path"] for r in val)
     assert all(r["text"] and r["path"].endswith(".py") for r in train + val)
     assert not any("site-packages" in r["path"] for r in train + val)
