@@ -27,8 +27,8 @@ test-slow: venv
 	$(PY) -m pytest -q -m slow
 
 check: venv
-	$(VENV)/bin/ruff check flame custom_models tests benchmarks scripts
-	$(VENV)/bin/ruff format --check flame custom_models tests benchmarks scripts
+	$(VENV)/bin/ruff check flame tests scripts
+	$(VENV)/bin/ruff format --check flame tests scripts
 	$(VENV)/bin/mypy
 
 clean:

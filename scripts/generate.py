@@ -1,6 +1,6 @@
 """Generate text from a Hugging Face folder with plain transformers (no flame import).
 
-    python scripts/generate.py outputs/demo --prompt "def " --max-new-tokens 48
+python scripts/generate.py outputs/demo --prompt "def " --max-new-tokens 48
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ def main() -> None:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
             out = model.generate(
-                ids, max_new_tokens=args.max_new_tokens, do_sample=True, top_k=20, temperature=0.8,
+                ids,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=True,
+                top_k=20,
+                temperature=0.8,
                 pad_token_id=tokenizer.eos_token_id,
             )
         print(f"--- {prompt!r}")

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import uuid
 from typing import Any
 
 logger = logging.getLogger("flame")
@@ -101,7 +102,7 @@ def _start_wandb(config, run_config: dict[str, Any]):
     import wandb
 
     id_file = os.path.join(config.job.dump_folder, "wandb_run_id")
-    run_id = open(id_file).read().strip() if os.path.exists(id_file) else wandb.util.generate_id()
+    run_id = open(id_file).read().strip() if os.path.exists(id_file) else uuid.uuid4().hex[:8]
     with open(id_file, "w") as f:
         f.write(run_id)
     return wandb.init(

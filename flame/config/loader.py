@@ -59,7 +59,7 @@ def field_specs() -> dict[str, dict[str, FieldSpec]]:
         specs[section] = {}
         for f in dataclasses.fields(section_cls):
             kind, is_list, optional = _unpack_type(hints[f.name])
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc,operator]
             specs[section][f.name] = FieldSpec(
                 section,
                 f.name,

@@ -7,6 +7,7 @@ naming the flag and what is allowed, so a user fixes a config in one round trip.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from flame.config.errors import ConfigError
 from flame.config.schema import JobConfig
@@ -148,9 +149,9 @@ def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> No
         )
 
     for flag, default, needs, condition in DEPENDENT:
-        value, other = _get(config, flag), _get(config, needs)
-        active = other == "selective" if condition == "= selective" else other > 1  # type: ignore[operator]
-        if value != default and not active:
+        other: Any = _get(config, needs)
+        active = other == "selective" if condition == "= selective" else other > 1
+        if _get(config, flag) != default and not active:
             problems.append(f"--{flag} only applies with --{needs} {condition}; it would be ignored here")
     if ck.create_seed_checkpoint:
         need(world_size == 1, f"--checkpoint.create_seed_checkpoint runs on one process (NGPU=1), not {world_size}")
@@ -165,10 +166,10 @@ def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> No
         if _get(config, flag) != default:
             problems.append(f"--{flag}: {what} is not supported yet in this version of flame; leave it at {default!r}")
     for flag, (default, what) in GPU_ONLY.items():
-        value = _get(config, flag)
-        bad = value == _GPU_ONLY_VALUES[flag] if flag in _GPU_ONLY_VALUES else value != default
+        current = _get(config, flag)
+        bad = current == _GPU_ONLY_VALUES[flag] if flag in _GPU_ONLY_VALUES else current != default
         if bad and device_type != "cuda":
-            problems.append(f"--{flag}={value}: {what} needs a CUDA GPU; none is visible on this machine")
+            problems.append(f"--{flag}={current}: {what} needs a CUDA GPU; none is visible on this machine")
         elif bad and flag.startswith(("float8", "experimental")):
             problems.append(f"--{flag}: {what} is not supported yet in this version of flame")
     if problems:

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -146,7 +146,7 @@ def init_weights(
     targets: dict[str, torch.Tensor] = {}
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         targets[canonical_name(name)] = tensor
-    init_fn = model._init_weights if hasattr(model, "_init_weights") else None
+    init_fn: Callable[[nn.Module], None] | None = getattr(model, "_init_weights", None)
     seen: set[str] = set()
     for unit_name, unit in _init_units(reference, layer_names):
         full = copy.deepcopy(unit).to_empty(device=device)
@@ -156,8 +156,9 @@ def init_weights(
                 full.apply(init_fn)
             else:
                 for m in full.modules():
-                    if hasattr(m, "reset_parameters"):
-                        m.reset_parameters()
+                    reset = getattr(m, "reset_parameters", None)
+                    if callable(reset):
+                        reset()
         prefix = f"{unit_name}." if unit_name else ""
         for tname, value in list(full.named_parameters()) + list(full.named_buffers()):
             key = prefix + tname

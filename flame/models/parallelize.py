@@ -34,16 +34,17 @@ def apply_activation_checkpointing(decoder: nn.Module, mode: str, option: str) -
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
         every = int(option)
-        for index, (name, layer) in enumerate(list(decoder.layers.named_children())):
+        layers = decoder.get_submodule("layers")
+        for index, (name, layer) in enumerate(list(layers.named_children())):
             if index % every == 0:
-                decoder.layers.register_module(name, checkpoint_wrapper(layer, preserve_rng_state=True))
+                layers.register_module(name, checkpoint_wrapper(layer, preserve_rng_state=True))
     logger.info("activation checkpointing: %s%s", mode, f" ({option})" if mode == "selective" else "")
 
 
 def apply_compile(decoder: nn.Module) -> None:
     """torch.compile each decoder layer (the repeated structure compiles once)."""
     torch._dynamo.config.capture_scalar_outputs = True
-    for layer in decoder.layers.children():
+    for layer in decoder.get_submodule("layers").children():
         layer.compile(fullgraph=True)
     logger.info("compile: each decoder layer with torch.compile(fullgraph=True)")
 
