@@ -30,6 +30,7 @@ def setup_logging() -> None:
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("flame").setLevel(logging.INFO)
     warnings.filterwarnings("ignore", message=".*set_vital.*")
+    warnings.filterwarnings("ignore", message=".*get_last_lr.*")  # torchtitan's schedule reload
 
 
 def fail(message: str) -> int:

@@ -139,10 +139,10 @@ class Trainer:
 
     def forward_backward(self, batch: dict[str, torch.Tensor], num_global_tokens: torch.Tensor) -> torch.Tensor:
         """Sum of token losses of one micro-batch; backward of its share of the global mean."""
-        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+        inputs = self.adapter.model_inputs(batch, self.device)
         labels = batch["labels"].to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            logits = self.model(input_ids=input_ids).logits
+            logits = self.model(**inputs).logits
         loss_sum = torch.nn.functional.cross_entropy(
             logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from flame.config.errors import ConfigError
@@ -35,6 +36,10 @@ class ModelAdapter:
     def layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder layers: the units of sharding, checkpointing and compilation."""
         return getattr(self.decoder(model), self.layers_attr)
+
+    def model_inputs(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """The forward() keyword arguments for one batch from the data loader (all but ``labels``)."""
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
 
     def layer_names(self, model: nn.Module) -> list[str]:
         """Fully qualified names of the decoder layers, in order."""
