@@ -45,7 +45,7 @@ logs="$FLAME_DUMP_FOLDER/logs"
 mkdir -p "$logs"
 echo "flame: $NNODE node(s) x $NGPU process(es), rendezvous $MASTER_ADDR:$MASTER_PORT, logs in $logs"
 set +e
-"$PYTHON" -m torch.distributed.run \
+LOG_RANK=all "$PYTHON" -m torch.distributed.run \
   --nnodes="$NNODE" --nproc_per_node="$NGPU" --node_rank="$NODE_RANK" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${RDZV_ID:-flame}" \
   --max_restarts="$MAX_RESTARTS" \

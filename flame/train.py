@@ -16,9 +16,14 @@ from flame.config.loader import parse_args, to_dict
 
 
 def setup_logging() -> None:
-    """One line per message, prefixed with the rank under torchrun."""
+    """One line per message, prefixed with the rank under torchrun; info only on the ``LOG_RANK`` ranks.
+
+    ``LOG_RANK`` is a comma list of global ranks (default 0) or ``all``; other ranks print warnings and
+    errors. train.sh sets ``all``: torchrun then filters the console and every rank's log file is complete.
+    """
     rank = os.environ.get("RANK")
     prefix = f"[rank{rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    log_ranks = {r.strip() for r in os.environ.get("LOG_RANK", "0").split(",")}
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
@@ -28,7 +33,9 @@ def setup_logging() -> None:
     )
     # torchtitan logs through the root logger: keep its chatter at warnings, flame's at info.
     logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("flame").setLevel(logging.INFO)
+    logging.getLogger("flame").setLevel(
+        logging.INFO if "all" in log_ranks or (rank or "0") in log_ranks else logging.WARNING
+    )
     warnings.filterwarnings("ignore", message=".*set_vital.*")
     warnings.filterwarnings("ignore", message=".*get_last_lr.*")  # torchtitan's schedule reload
 

@@ -20,9 +20,10 @@ import torch.distributed as dist
 
 import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
 from flame.components.checkpoint import Checkpointer, TrainState
-from flame.components.metrics import MetricsLogger
+from flame.components.metrics import MetricsLogger, device_name, memory_stats
 from flame.components.optimizer import build_lr_schedulers, build_optimizers
 from flame.components.profiling import maybe_profile
+from flame.components.validation import Validator
 from flame.config.errors import ConfigError
 from flame.config.loader import save_toml, to_dict
 from flame.config.schema import JobConfig
@@ -30,6 +31,7 @@ from flame.config.validate import resolve_dp_shard, validate
 from flame.distributed.setup import device_for_rank, init_distributed, set_collective_timeout
 from flame.models.adapters import adapter_for
 from flame.models.build import build_meta_model, import_custom_models, init_weights, load_model_config
+from flame.models.flops import flops_per_token, peak_tflops
 from flame.models.parallelize import parallelize
 
 from torchtitan.distributed import utils as dist_utils
@@ -90,6 +92,8 @@ class Trainer:
         self.adapter = adapter_for(model_config.model_type)
         self.model_name = type(self.model).__name__
         reference = copy.deepcopy(self.model)
+        self.flops_per_token = flops_per_token(reference, model_config, t.seq_len)
+        self.peak_tflops = peak_tflops(device_name(self.device), t.mixed_precision_param)
         layer_names = set(self.adapter.layer_names(self.model))
         parallelize(self.model, self.adapter, self.parallel_dims, config)
         self.model.to_empty(device=self.device)
@@ -104,6 +108,19 @@ class Trainer:
         from flame.data import build_dataloader
 
         self.dataloader = build_dataloader(t, self.tokenizer, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size)
+        self.validator = (
+            Validator(
+                config,
+                self.tokenizer,
+                dp_rank=self.dp_rank,
+                dp_world_size=self.dp_world_size,
+                loss_mesh=self.loss_mesh,
+                device=self.device,
+            )
+            if config.validation.enable
+            else None
+        )
+        self.last_validation: dict[str, Any] | None = None
         self.optimizers = build_optimizers(self.model, config)
         self.lr_schedulers = build_lr_schedulers(self.optimizers, config)
         self.state = TrainState()
@@ -190,11 +207,11 @@ class Trainer:
         data = self._batches()
         if t.gc_freq > 0:
             gc.disable()  # collected every gc_freq steps instead, at the same point on every rank
-        run_start = time.perf_counter() - self.state.elapsed_seconds
+        session_start = time.perf_counter()
+        run_start = session_start - self.state.elapsed_seconds  # elapsed time counts across resumes
+        start_step, start_tokens = self.state.step, self.state.tokens_seen
         window = self._new_window(self.state.step)
-        pending_tokens = torch.zeros((), device=self.device)
         last: dict[str, Any] = {}
-        first_step = self.state.step + 1
         while self.state.step < t.steps:
             self.state.step += 1
             step = self.state.step
@@ -207,51 +224,91 @@ class Trainer:
             out = self.train_step(batches)
             window["tokens"] += out["local_tokens"]
             window["loss"] += out["loss_sum"] / out["num_tokens"]  # this rank's share of the step's mean
-            pending_tokens += out["num_tokens"]
-            if step == first_step:
+            window["rank_loss"] += out["loss_sum"] / max(out["local_tokens"], 1)  # this rank's own mean
+            window["global_tokens"] += out["num_tokens"]
+            if step == start_step + 1:
                 set_collective_timeout(self.config.comm.train_timeout_seconds)
             is_last = step == t.steps
-            if step % m.log_freq == 0 or is_last:
-                last = self._log(step, lr, out, window, run_start)
+            extra = {}
+            if self.validator is not None and self.validator.should_run(step, is_last):
+                extra = self.validator.validate(self.model, self.adapter.model_inputs)
+                self.last_validation = extra
+            if step % m.log_freq == 0 or is_last or extra:
+                last = self._log(step, lr, out, window, run_start, extra)
                 window = self._new_window(step)
             self.state.elapsed_seconds = time.perf_counter() - run_start
             if is_last or self.checkpointer.should_save(step):
-                self.state.tokens_seen += int(pending_tokens.item())
-                pending_tokens.zero_()
+                self._flush_tokens(window)
                 self.checkpointer.save(step, last_step=is_last)
             if profiler is not None:
                 profiler.step()
         if t.gc_freq > 0:
             gc.enable()
+        self._summary(last, start_tokens, time.perf_counter() - session_start)
         return last
 
     def _new_window(self, step: int) -> dict[str, Any]:
         """Accumulators between two log lines (no device sync until the log step)."""
-        zero = torch.zeros((), device=self.device)
-        return {"start": time.perf_counter(), "step": step, "tokens": 0, "data_wait": 0.0, "loss": zero}
+        zeros = {k: torch.zeros((), device=self.device) for k in ("loss", "rank_loss", "global_tokens")}
+        return {"start": time.perf_counter(), "step": step, "tokens": 0, "data_wait": 0.0, **zeros}
 
-    def _log(self, step: int, lr: float, out: dict[str, Any], window: dict[str, Any], run_start: float) -> dict:
+    def _flush_tokens(self, window: dict[str, Any]) -> None:
+        """Add the window's global target tokens to the train state (one device sync)."""
+        self.state.tokens_seen += int(window["global_tokens"].item())
+        window["global_tokens"].zero_()
+
+    def _log(
+        self, step: int, lr: float, out: dict[str, Any], window: dict[str, Any], run_start: float, extra: dict
+    ) -> dict[str, Any]:
         """Log the loss averaged over the steps since the last log line (exactly the step's loss
-        with ``log_freq`` 1), the last step's gradient norm and lr, and window throughput."""
-        loss = window["loss"].clone()
+        with ``log_freq`` 1) and its maximum over ranks, the last step's gradient norm and lr,
+        throughput, FLOPs, memory and time."""
+        loss, rank_loss = window["loss"].clone(), window["rank_loss"].clone()
         if self.loss_mesh is not None:
             dist.all_reduce(loss, group=self.loss_mesh.get_group())
+            dist.all_reduce(rank_loss, op=dist.ReduceOp.MAX, group=self.loss_mesh.get_group())
+        self._flush_tokens(window)
         num_steps = step - window["step"]
         now = time.perf_counter()
         seconds = max(now - window["start"], 1e-9)
+        tokens_per_second = window["tokens"] / seconds
+        tflops = tokens_per_second * self.flops_per_token / 1e12
         record = {
             "step": step,
             "loss": loss.item() / num_steps,
+            "loss_max": rank_loss.item() / num_steps,
             "grad_norm": out["grad_norm"].item(),
             "lr": lr,
-            "tokens_per_second": window["tokens"] / seconds,
+            "tokens_per_second": tokens_per_second,
+            "tflops": tflops,
+            "mfu": 100 * tflops / self.peak_tflops if self.peak_tflops else None,
+            **memory_stats(self.device),
             "data_wait_share": window["data_wait"] / seconds,
             "skipped_steps": self.state.skipped_steps,
+            "tokens_seen": self.state.tokens_seen,
             "elapsed_seconds": now - run_start,
             "eta_seconds": seconds / num_steps * (self.config.training.steps - step),
+            **extra,
         }
         self.metrics.log(record)
         return record
+
+    def _summary(self, last: dict[str, Any], start_tokens: int, seconds: float) -> None:
+        """One line (and ``summary.json``) at the end, whatever log_freq was."""
+        ck = self.config.checkpoint
+        dump = self.config.job.dump_folder
+        checkpoint = os.path.join(dump, ck.folder, f"step-{self.state.step}") if ck.enable_checkpoint else None
+        summary = {
+            "steps": self.state.step,
+            "tokens": self.state.tokens_seen,
+            "wall_seconds": self.state.elapsed_seconds,
+            "tokens_per_second": (self.state.tokens_seen - start_tokens) / max(seconds, 1e-9),
+            "final_loss": last.get("loss"),
+            "final_validation_loss": (self.last_validation or {}).get("validation_loss"),
+            "checkpoint": checkpoint,
+            "hf_export": dump if checkpoint else None,
+        }
+        self.metrics.summary(summary)
 
     def close(self) -> None:
         """Finish pending saves and close sinks; tear down the process group if we created it."""

@@ -13,5 +13,6 @@ resolved="$("$PY" -m flame.utils.resolve --job.config_file configs/demo.toml "$@
 eval "$resolved"
 dump="$FLAME_DUMP_FOLDER"
 NGPU="${NGPU:-2}" PYTHON="$PY" bash train.sh --job.config_file configs/demo.toml "$@"
+"$PY" -m flame.utils.plot "$dump"
 "$PY" scripts/generate.py "$dump" --prompt "def " --prompt "import " --prompt "class Config"
 echo "demo finished in $(( $(date +%s) - start )) s; metrics in $dump/metrics.jsonl"

@@ -18,6 +18,7 @@ def test_demo_end_to_end_shortened(tmp_path):
             "bash", "scripts/demo.sh",
             "--model.tokenizer_path", str(data / "tokenizer"),
             "--training.data_files", str(data / "train.jsonl"),
+            "--validation.data_files", str(data / "validation.jsonl"), "--validation.freq", "4",
             "--job.dump_folder", str(dump),
             "--training.steps", "8", "--training.seq_len", "64", "--metrics.log_freq", "2",
             "--checkpoint.interval", "4", "--lr_scheduler.warmup_steps", "2",
@@ -26,7 +27,11 @@ def test_demo_end_to_end_shortened(tmp_path):
     )  # fmt: skip
     records = read_metrics(dump)
     assert records[-1]["step"] == 8 and records[-1]["loss"] < records[0]["loss"]
-    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "config.toml"):
+    assert [r["step"] for r in records if "validation_loss" in r] == [4, 8]
+    for name in (
+        "config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "config.toml",
+        "summary.json", "metrics.png",
+    ):  # fmt: skip
         assert (dump / name).exists(), name
     assert "--- 'def '" in proc.stdout and "demo finished" in proc.stdout
 

@@ -10,13 +10,43 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import uuid
 from typing import Any
 
 logger = logging.getLogger("flame")
 
-_COLORS = {"step": "\033[36m", "loss": "\033[32m", "grad_norm": "\033[33m", "lr": "\033[35m", "reset": "\033[0m"}
+_COLORS = {
+    "step": "\033[36m",
+    "loss": "\033[32m",
+    "grad_norm": "\033[33m",
+    "lr": "\033[35m",
+    "speed": "\033[34m",
+    "validation": "\033[1;32m",
+    "reset": "\033[0m",
+}
+
+
+def device_name(device) -> str:
+    """The accelerator's marketing name (for the peak-FLOPs table), or "cpu"."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def memory_stats(device) -> dict[str, float]:
+    """Memory in GiB: CUDA peak reserved and active since the last call, or the process RSS on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        stats = {
+            "memory_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+            "memory_active_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+        }
+        torch.cuda.reset_peak_memory_stats(device)
+        return stats
+    with open("/proc/self/statm") as f:
+        rss_pages = int(f.read().split()[1])
+    return {"memory_rss_gib": rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**30}
 
 
 def format_duration(seconds: float) -> str:
@@ -32,7 +62,7 @@ class MetricsLogger:
     def __init__(self, config, *, rank: int, resume_step: int, run_config: dict[str, Any]) -> None:
         m = config.metrics
         self.rank = rank
-        self.color = not m.disable_color_printing and sys.stdout.isatty()
+        self.color = not m.disable_color_printing and "NO_COLOR" not in os.environ
         self.total_steps = config.training.steps
         self.path = os.path.join(config.job.dump_folder, "metrics.jsonl")
         self.tb = None
@@ -80,15 +110,47 @@ class MetricsLogger:
         width = len(str(self.total_steps))
         parts = [
             paint("step", f"step {r['step']:>{width}}/{self.total_steps}"),
-            paint("loss", f"loss {r['loss']:.4f}"),
+            paint("loss", f"loss {r['loss']:.4f} (max {r['loss_max']:.4f})"),
             paint("grad_norm", f"grad_norm {r['grad_norm']:.3f}"),
             paint("lr", f"lr {r['lr']:.2e}"),
-            f"tok/s/device {r['tokens_per_second']:,.0f}",
+            paint("speed", f"tok/s/device {r['tokens_per_second']:,.0f}"),
+            f"TFLOP/s {r['tflops']:.2f}",
+            f"MFU {r['mfu']:.1f}%" if r.get("mfu") is not None else "MFU unknown",
         ]
+        if "memory_rss_gib" in r:
+            parts.append(f"rss {r['memory_rss_gib']:.2f}GiB")
+        else:
+            parts.append(f"mem {r['memory_active_gib']:.2f}/{r['memory_reserved_gib']:.2f}GiB")
+        parts.append(f"data {100 * r['data_wait_share']:.1f}%")
         if r.get("skipped_steps"):
             parts.append(f"skipped {r['skipped_steps']}")
         parts.append(f"elapsed {format_duration(r['elapsed_seconds'])} eta {format_duration(r['eta_seconds'])}")
         logger.info("  ".join(parts))
+        if "validation_loss" in r:
+            text = f"validation loss {r['validation_loss']:.4f}  perplexity {r['validation_perplexity']:.2f}"
+            logger.info(paint("validation", f"step {r['step']:>{width}}/{self.total_steps}  {text}"))
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        """The end-of-training line and ``summary.json`` (rank 0 writes the file)."""
+        if self.rank == 0:
+            path = os.path.join(os.path.dirname(self.path), "summary.json")
+            with open(path, "w") as f:
+                json.dump(summary, f, indent=2)
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update({k: v for k, v in summary.items() if v is not None})
+
+        def num(value: float | None, spec: str) -> str:
+            return "n/a" if value is None else format(value, spec)
+
+        text = (
+            f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in "
+            f"{format_duration(summary['wall_seconds'])} ({num(summary['tokens_per_second'], ',.0f')} tokens/s "
+            f"this session); final loss {num(summary['final_loss'], '.4f')}, validation loss "
+            f"{num(summary['final_validation_loss'], '.4f')}"
+        )
+        if summary["checkpoint"]:
+            text += f"; checkpoint {summary['checkpoint']} (train.sh exports it to {summary['hf_export']})"
+        logger.info(text)
 
     def close(self) -> None:
         if self.tb is not None:

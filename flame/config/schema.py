@@ -201,6 +201,19 @@ class MemoryEstimation:
 
 
 @dataclass
+class Validation:
+    enable: bool = opt(False, "compute the validation loss every validation.freq steps (and at the end)")
+    dataset: list[str] = opt([], "comma list like --training.dataset; empty: the training datasets")
+    dataset_name: list[str] = opt([], "comma list: the config name of each validation dataset")
+    dataset_split: list[str] = opt(["validation"], "comma list: the split of each validation dataset")
+    data_dir: list[str] = opt([], "comma list: the data_dir of each validation dataset")
+    data_files: list[str] = opt([], "comma list: the data files of each validation dataset")
+    freq: int = opt(500, "validate every this many training steps")
+    steps: int = opt(10, "batches per validation (the same batches every time)")
+    batch_size: int = opt(8, "sequences per device per validation batch")
+
+
+@dataclass
 class JobConfig:
     """The whole configuration of a run: one attribute per TOML section."""
 
@@ -217,3 +230,4 @@ class JobConfig:
     float8: Float8 = field(default_factory=Float8)
     comm: Comm = field(default_factory=Comm)
     memory_estimation: MemoryEstimation = field(default_factory=MemoryEstimation)
+    validation: Validation = field(default_factory=Validation)

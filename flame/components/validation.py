@@ -1,0 +1,79 @@
+"""Validation loss: the mean over every target token of ``validation.steps`` fixed batches.
+
+The batches come from the same data path as training (a fresh loader each time, so every
+validation sees exactly the same tokens), sharded over the data-parallel ranks; the loss sums and
+token counts are reduced over them, so the number does not depend on the layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from flame.config.schema import JobConfig
+
+IGNORE_INDEX = -100
+
+
+def validation_data_config(config: JobConfig) -> Any:
+    """The ``[training]`` section with the validation datasets, split and batch size swapped in."""
+    v, t = config.validation, config.training
+    return dataclasses.replace(
+        t,
+        dataset=v.dataset or t.dataset,
+        dataset_name=v.dataset_name if v.dataset else t.dataset_name,
+        dataset_split=v.dataset_split,
+        data_dir=v.data_dir if v.dataset else t.data_dir,
+        data_files=v.data_files if v.dataset else t.data_files,
+        batch_size=v.batch_size,
+        num_workers=0,
+        persistent_workers=False,
+    )
+
+
+class Validator:
+    """Computes the validation loss of a model on fixed batches."""
+
+    def __init__(self, config: JobConfig, tokenizer, *, dp_rank: int, dp_world_size: int, loss_mesh, device) -> None:
+        from flame.data import build_dataloader
+
+        self.config = config
+        self.steps = config.validation.steps
+        self.loss_mesh = loss_mesh
+        self.device = device
+        self._build = lambda: build_dataloader(
+            validation_data_config(config), tokenizer, dp_rank=dp_rank, dp_world_size=dp_world_size
+        )
+        self._build()  # fail on bad validation data now, before any training step
+
+    def should_run(self, step: int, last_step: bool) -> bool:
+        return self.config.validation.enable and (step % self.config.validation.freq == 0 or last_step)
+
+    @torch.no_grad()
+    def validate(self, model: torch.nn.Module, model_inputs) -> dict[str, float]:
+        """``{"validation_loss", "validation_perplexity", "validation_tokens"}`` over the fixed batches."""
+        was_training = model.training
+        model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, target tokens
+        loader = iter(self._build())
+        for _ in range(self.steps):
+            batch = next(loader)
+            labels = batch["labels"].to(self.device)
+            logits = model(**model_inputs(batch, self.device)).logits
+            totals[0] += torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            ).double()
+            totals[1] += (labels != IGNORE_INDEX).sum()
+        if self.loss_mesh is not None:
+            dist.all_reduce(totals, group=self.loss_mesh.get_group())
+        model.train(was_training)
+        loss = (totals[0] / totals[1]).item()
+        return {
+            "validation_loss": loss,
+            "validation_perplexity": math.exp(min(loss, 700.0)),
+            "validation_tokens": int(totals[1].item()),
+        }
