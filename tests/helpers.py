@@ -24,6 +24,7 @@ def env(**extra: str) -> dict[str, str]:
         PYTHONPATH=str(ROOT),
         OMP_NUM_THREADS=e.get("OMP_NUM_THREADS", "1"),
         PYTHON=PYTHON,
+        NO_COLOR="1",
     )
     e.update(extra)
     return e
