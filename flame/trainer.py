@@ -22,7 +22,7 @@ import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
 from flame.components.checkpoint import Checkpointer, TrainState
 from flame.components.metrics import MetricsLogger, device_name, memory_stats
 from flame.components.optimizer import build_lr_schedulers, build_optimizers
-from flame.components.profiling import maybe_profile
+from flame.components.profiling import MemorySnapshots, maybe_profile
 from flame.components.validation import Validator
 from flame.config.errors import ConfigError
 from flame.config.loader import save_toml, to_dict
@@ -108,6 +108,7 @@ class Trainer:
         from flame.data import build_dataloader
 
         self.dataloader = build_dataloader(t, self.tokenizer, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size)
+        self.memory_snapshots = MemorySnapshots(config, self.rank)
         self.validator = (
             Validator(
                 config,
@@ -242,6 +243,7 @@ class Trainer:
                 self.checkpointer.save(step, last_step=is_last)
             if profiler is not None:
                 profiler.step()
+            self.memory_snapshots.step(step)
         if t.gc_freq > 0:
             gc.enable()
         self._summary(last, start_tokens, time.perf_counter() - session_start)

@@ -144,3 +144,32 @@ def test_plot_draws_every_run(train_args, tmp_path):
     assert main([str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(out)]) == 0
     assert matplotlib.image.imread(str(out)).shape[:2] == (1000, 1600)
     assert main([str(tmp_path / "missing")]) == 2
+
+
+def test_console_colour_follows_the_flag(train_args, caplog):
+    import logging
+
+    from flame.components.metrics import MetricsLogger
+
+    record = {"step": 1, "loss": 2.0, "loss_max": 2.5, "grad_norm": 1.0, "lr": 1e-3, "tokens_per_second": 10.0,
+              "tflops": 0.1, "mfu": None, "memory_rss_gib": 1.0, "data_wait_share": 0.0, "skipped_steps": 0,
+              "elapsed_seconds": 1.0, "eta_seconds": 2.0}  # fmt: skip
+    for disable, coloured in (("false", True), ("true", False)):
+        config = parse_args(train_args("colour", metrics__disable_color_printing=disable))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="flame"):
+            MetricsLogger(config, rank=1, resume_step=0, run_config={})._print(record)
+        message = caplog.records[-1].getMessage()  # caplog.text would strip the colour codes
+        assert ("\033[" in message) is (coloured and "NO_COLOR" not in os.environ)
+        assert "MFU unknown" in message
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_memory_snapshots_and_mfu(train_args, tmp_path):
+    args = train_args("snap", training__steps=4, profiling__enable_memory_snapshot="true", profiling__profile_freq=2)
+    flame.train(parse_args([*args, "--training.mixed_precision_param", "bfloat16"]))
+    snapshots = sorted(glob.glob(str(tmp_path / "snap" / "memory_snapshot" / "*" / "rank0_memory_snapshot.pickle")))
+    assert [s.split("/")[-2] for s in snapshots] == ["iteration_2", "iteration_4"]
+    record = read_metrics(tmp_path / "snap")[-1]
+    assert record["memory_active_gib"] > 0 and (record["mfu"] is None or 0 < record["mfu"] < 100)

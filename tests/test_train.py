@@ -78,6 +78,7 @@ def test_run_folder_holds_config_and_metrics(train_args, tmp_path):
         ({"training__data_parallel_shard_degree": 3}, "multiply to 3"),
         ({"training__tensor_parallel_degree": 2}, "not supported yet"),
         ({"float8__enable_float8_linear": "true"}, "needs a CUDA GPU"),
+        ({"profiling__enable_memory_snapshot": "true"}, "CUDA memory snapshots needs a CUDA GPU"),
     ],
 )
 def test_bad_input_exits_2_without_touching_the_dump_folder(train_args, tmp_path, override, needle):

@@ -1,7 +1,11 @@
-"""torch.profiler traces every ``profiling.profile_freq`` steps, on CPU and GPU alike.
+"""torch.profiler traces every ``profiling.profile_freq`` steps (CPU and GPU), and CUDA memory snapshots.
 
 Each trace covers one step after a short warmup and goes to
 ``<dump_folder>/<save_traces_folder>/iteration_<step>/rank<r>_trace.json`` (Chrome/Perfetto format).
+Memory snapshots (GPU only; validation rejects them on CPU) record every allocation from the start
+and are dumped every ``profile_freq`` steps to
+``<dump_folder>/<save_memory_snapshot_folder>/iteration_<step>/rank<r>_memory_snapshot.pickle``
+(open them at https://pytorch.org/memory_viz).
 """
 
 from __future__ import annotations
@@ -53,3 +57,25 @@ def maybe_profile(config, rank: int, start_step: int) -> Iterator[torch.profiler
 
         prof.step = step  # type: ignore[method-assign]
         yield prof
+
+
+class MemorySnapshots:
+    """CUDA allocator history, dumped every ``profile_freq`` steps (a no-op object when disabled)."""
+
+    def __init__(self, config, rank: int) -> None:
+        p = config.profiling
+        self.enabled = p.enable_memory_snapshot and torch.cuda.is_available()
+        self.freq = p.profile_freq
+        self.rank = rank
+        self.folder = os.path.join(config.job.dump_folder, p.save_memory_snapshot_folder)
+        if self.enabled:
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
+
+    def step(self, step: int) -> None:
+        if not self.enabled or step % self.freq:
+            return
+        out = os.path.join(self.folder, f"iteration_{step}")
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, f"rank{self.rank}_memory_snapshot.pickle")
+        torch.cuda.memory._dump_snapshot(path)
+        logger.info("CUDA memory snapshot of step %d written to %s", step, path)

@@ -24,7 +24,6 @@ NOT_YET: dict[str, tuple[object, str]] = {
     "experimental.enable_compiled_autograd": (False, "compiled autograd"),
     "optimizer.early_step_in_backward": (False, "optimizer steps in backward"),
     "memory_estimation.enabled": (False, "memory estimation"),
-    "profiling.enable_memory_snapshot": (False, "memory snapshots"),
 }
 
 # Features that need a CUDA GPU: a clear error on a CPU-only machine.
@@ -36,6 +35,7 @@ GPU_ONLY: dict[str, tuple[object, str]] = {
         "float8 scale precomputation",
     ),
     "experimental.enable_async_tensor_parallel": (False, "async tensor parallelism"),
+    "profiling.enable_memory_snapshot": (False, "CUDA memory snapshots"),
     "checkpoint.async_mode": ("disabled", "pinned-memory async checkpointing"),
 }
 _GPU_ONLY_VALUES = {"checkpoint.async_mode": "async_with_pinned_mem"}
@@ -170,7 +170,7 @@ def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> No
         bad = current == _GPU_ONLY_VALUES[flag] if flag in _GPU_ONLY_VALUES else current != default
         if bad and device_type != "cuda":
             problems.append(f"--{flag}={current}: {what} needs a CUDA GPU; none is visible on this machine")
-        elif bad and flag.startswith(("float8", "experimental")):
+        elif bad and flag.startswith(("float8", "experimental.enable_async")):
             problems.append(f"--{flag}: {what} is not supported yet in this version of flame")
     if problems:
         raise ConfigError(problems)
