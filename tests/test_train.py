@@ -18,15 +18,19 @@ def _pairs(a: list[dict], b: list[dict]) -> list[tuple[dict, dict]]:
     return list(zip(a, b, strict=True))
 
 
-def test_fsdp2_two_ranks_match_one_process(train_args, tmp_path):
-    train(train_args("single", training__batch_size=4))
-    torchrun(2, train_args("fsdp", training__batch_size=2))
+def test_fsdp2_two_ranks_match_one_process(train_args, tmp_path, fixed_docs):
+    validation = {"validation__enable": "true", "validation__freq": 5, "validation__steps": 2}
+    validation.update(validation__dataset="json", validation__data_files=fixed_docs, validation__dataset_split="train")
+    train(train_args("single", training__batch_size=4, validation__batch_size=4, **validation))
+    torchrun(2, train_args("fsdp", training__batch_size=2, validation__batch_size=2, **validation))
     single, fsdp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "fsdp")
     assert len(single) == 10
     for a, b in _pairs(single, fsdp):
         assert abs(a["loss"] - b["loss"]) <= LOSS_TOL, (a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= GRAD_NORM_REL_TOL * a["grad_norm"], (a, b)
         assert a["lr"] == b["lr"]
+        assert abs(a.get("validation_loss", 0) - b.get("validation_loss", 0)) <= LOSS_TOL, (a, b)
+    assert [r["step"] for r in fsdp if "validation_loss" in r] == [5, 10]
     assert single[-1]["loss"] < single[0]["loss"] - 0.5  # it learns
 
 
