@@ -6,6 +6,7 @@ under torchrun it joins the launcher's group; the loop is the same code either w
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import logging
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel as tp_loss_parallel
 
 import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
 from flame.components.checkpoint import Checkpointer, TrainState
@@ -101,6 +104,9 @@ class Trainer:
         del reference
         self.model.train()
         self.num_params = sum(p.numel() for p in self.model.parameters())  # DTensor numel is the global one
+        # Loss parallelism: the cross entropy runs on vocabulary-sharded logits (tensor parallel only).
+        loss_parallel = self.parallel_dims.tp_enabled and not t.disable_loss_parallel
+        self.loss_context = tp_loss_parallel if loss_parallel else contextlib.nullcontext
         self.autocast_dtype = (
             torch.bfloat16 if t.mixed_precision_param == "bfloat16" and not self.parallel_dims.dp_enabled else None
         )
@@ -159,15 +165,17 @@ class Trainer:
         """Sum of token losses of one micro-batch; backward of its share of the global mean."""
         inputs = self.adapter.model_inputs(batch, self.device)
         labels = batch["labels"].to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            logits = self.model(**inputs).logits
-        loss_sum = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        # Gradient reduction averages over data-parallel ranks; scale so the result is the mean over
-        # every target token of the global batch (not a mean of per-micro-batch means).
-        (loss_sum * self.dp_world_size / num_global_tokens).backward()
-        return loss_sum.detach()
+        with self.loss_context():
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                logits = self.model(**inputs).logits
+            loss_sum = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            # Gradient reduction averages over data-parallel ranks; scale so the result is the mean over
+            # every target token of the global batch (not a mean of per-micro-batch means).
+            (loss_sum * self.dp_world_size / num_global_tokens).backward()
+        loss_sum = loss_sum.detach()
+        return loss_sum.full_tensor() if isinstance(loss_sum, DTensor) else loss_sum
 
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         t = self.config.training

@@ -15,7 +15,6 @@ from flame.config.schema import JobConfig
 # Features whose flags exist (the upstream CLI contract) but which this version of flame does not
 # run yet: setting them is an error, never silently ignored. Maps flag -> (default, what it is).
 NOT_YET: dict[str, tuple[object, str]] = {
-    "training.tensor_parallel_degree": (1, "tensor parallelism"),
     "training.enable_cpu_offload": (False, "CPU offload"),
     "training.varlen": (False, "varlen document packing"),
     "training.streaming": (False, "streaming datasets"),
@@ -255,9 +254,24 @@ def _check_degrees(config: JobConfig, world_size: int, problems: list[str]) -> N
     product = dp_shard
     for v in degrees.values():
         product *= v
+    if t.tensor_parallel_degree > 1 and os.path.exists(config.model.config):
+        problems.extend(_tp_problems(config))
     if product != world_size:
         problems.append(
             f"parallel degrees multiply to {product} (dp_replicate {t.data_parallel_replicate_degree} x dp_shard "
             f"{dp_shard} x tp {t.tensor_parallel_degree} x pp {e.pipeline_parallel_degree} x cp "
             f"{e.context_parallel_degree}) but the world size is {world_size}; they must multiply to the world size"
         )
+
+
+def _tp_problems(config: JobConfig) -> list[str]:
+    """Heads, KV heads and MLP width must divide the tensor-parallel degree (reads the model config)."""
+    from transformers import AutoConfig
+
+    from flame.models.tensor_parallel import check_tp_divisibility
+
+    try:
+        model_config = AutoConfig.from_pretrained(config.model.config)
+    except (OSError, ValueError):
+        return []  # reported with its reason when the model is built
+    return check_tp_divisibility(model_config, config.training.tensor_parallel_degree)

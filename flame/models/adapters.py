@@ -21,6 +21,8 @@ class ModelAdapter:
 
     family: str
     layers_attr: str = "layers"
+    # Tensor-parallel plan of one decoder layer: submodule name -> "colwise" | "rowwise" (None: no TP).
+    tp_plan: dict[str, str] | None = None
 
     def decoder(self, model: nn.Module) -> nn.Module:
         """The backbone that holds the decoder layers (``model.model`` for HF causal LMs)."""
@@ -53,6 +55,16 @@ _ADAPTERS: dict[str, ModelAdapter] = {}
 def register_adapter(model_type: str, adapter: ModelAdapter) -> None:
     """Use ``adapter`` for configs whose ``model_type`` is ``model_type``."""
     _ADAPTERS[model_type] = adapter
+
+
+def _register_builtin() -> None:
+    from flame.models.tensor_parallel import LLAMA_LAYER_PLAN
+
+    for model_type in ("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite"):
+        register_adapter(model_type, ModelAdapter(family=model_type, tp_plan=LLAMA_LAYER_PLAN))
+
+
+_register_builtin()
 
 
 def adapter_for(model_type: str) -> ModelAdapter:

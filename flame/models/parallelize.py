@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
+from flame.config.errors import ConfigError
 from flame.config.schema import JobConfig
 from flame.models.adapters import ModelAdapter
+from flame.models.tensor_parallel import apply_tensor_parallel
 
 logger = logging.getLogger("flame.models")
 
@@ -70,6 +72,19 @@ def apply_fsdp(model: nn.Module, adapter: ModelAdapter, mesh, param_dtype: str, 
 
 def parallelize(model: nn.Module, adapter: ModelAdapter, parallel_dims, config: JobConfig) -> None:
     """Apply every enabled parallelism to ``model`` (on the meta device) in the documented order."""
+    if parallel_dims.tp_enabled:
+        if adapter.tp_plan is None:
+            raise ConfigError(
+                f"--training.tensor_parallel_degree: model family {adapter.family!r} has no tensor-parallel plan; "
+                "families with one: llama, mistral, qwen2, qwen3, olmo2, granite"
+            )
+        apply_tensor_parallel(
+            model,  # type: ignore[arg-type]
+            adapter.layers(model),
+            adapter.tp_plan,
+            parallel_dims.get_mesh("tp"),
+            loss_parallel=not config.training.disable_loss_parallel,
+        )
     ac = config.activation_checkpoint
     if ac.mode != "none":
         apply_activation_checkpointing(adapter.decoder(model), ac.mode, ac.selective_ac_option)

@@ -1,0 +1,54 @@
+"""Parallel layouts against one process: per-step loss and gradient norm, real torchrun on gloo.
+
+Tolerances (fp32 on CPU): losses within 1e-5 absolute, gradient norms within 1e-4 relative: the
+layouts differ only in the order of floating-point sums (all-reduces, sharded matmuls).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import read_metrics, torchrun, train
+
+LOSS_TOL = 1e-5
+GRAD_REL_TOL = 1e-4
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, byte_tokenizer, fixed_docs, tiny_llama):
+    """One process, global batch 4, 5 steps."""
+    from tests.conftest import SEQ_LEN
+
+    dump = tmp_path_factory.mktemp("reference")
+    args = [
+        "--job.dump_folder", str(dump), "--model.config", tiny_llama, "--model.tokenizer_path", byte_tokenizer,
+        "--training.dataset", "json", "--training.data_files", fixed_docs, "--training.seq_len", str(SEQ_LEN),
+        "--training.batch_size", "4", "--training.steps", str(STEPS), "--training.mixed_precision_param", "float32",
+        "--lr_scheduler.warmup_steps", "2", "--optimizer.lr", "3e-3", "--metrics.log_freq", "1",
+    ]  # fmt: skip
+    train(args)
+    return read_metrics(dump)
+
+
+def assert_same(reference: list[dict], other: list[dict]) -> None:
+    assert [r["step"] for r in other] == list(range(1, STEPS + 1))
+    for a, b in zip(reference, other, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= LOSS_TOL, (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= GRAD_REL_TOL * a["grad_norm"], (a, b)
+
+
+@pytest.mark.parametrize(
+    ("nproc", "flags"),
+    [
+        (2, {"training__tensor_parallel_degree": 2}),
+        (2, {"training__tensor_parallel_degree": 2, "training__disable_loss_parallel": "true"}),
+        (4, {"training__tensor_parallel_degree": 2, "training__data_parallel_shard_degree": 2}),
+    ],
+    ids=["tp2", "tp2-no-loss-parallel", "fsdp2xtp2"],
+)
+def test_layout_matches_one_process(reference, train_args, tmp_path, nproc, flags):
+    tp = int(flags.get("training__tensor_parallel_degree", 1))
+    dp = nproc // tp
+    torchrun(nproc, train_args("layout", training__batch_size=4 // dp, training__steps=STEPS, **flags))
+    assert_same(reference, read_metrics(tmp_path / "layout"))
