@@ -240,7 +240,7 @@ class Trainer:
             is_last = step == t.steps
             extra = {}
             if self.validator is not None and self.validator.should_run(step, is_last):
-                extra = self.validator.validate(self.model, self.adapter.model_inputs)
+                extra = self.validator.validate(self.model, self.adapter.model_inputs, self.loss_context)
                 self.last_validation = extra
             if step % m.log_freq == 0 or is_last or extra:
                 last = self._log(step, lr, out, window, run_start, extra)

@@ -7,12 +7,14 @@ token counts are reduced over them, so the number does not depend on the layout.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from flame.config.schema import JobConfig
 
@@ -54,8 +56,10 @@ class Validator:
         return self.config.validation.enable and (step % self.config.validation.freq == 0 or last_step)
 
     @torch.no_grad()
-    def validate(self, model: torch.nn.Module, model_inputs) -> dict[str, float]:
-        """``{"validation_loss", "validation_perplexity", "validation_tokens"}`` over the fixed batches."""
+    def validate(self, model: torch.nn.Module, model_inputs, loss_context=contextlib.nullcontext) -> dict[str, float]:
+        """``{"validation_loss", "validation_perplexity", "validation_tokens"}`` over the fixed batches.
+
+        ``loss_context`` is the trainer's (loss parallelism under tensor parallel: sharded logits)."""
         was_training = model.training
         model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, target tokens
@@ -63,10 +67,14 @@ class Validator:
         for _ in range(self.steps):
             batch = next(loader)
             labels = batch["labels"].to(self.device)
-            logits = model(**model_inputs(batch, self.device)).logits
-            totals[0] += torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-            ).double()
+            with loss_context():
+                logits = model(**model_inputs(batch, self.device)).logits
+                loss_sum = torch.nn.functional.cross_entropy(
+                    logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+                )
+            if isinstance(loss_sum, DTensor):
+                loss_sum = loss_sum.full_tensor()
+            totals[0] += loss_sum.double()
             totals[1] += (labels != IGNORE_INDEX).sum()
         if self.loss_mesh is not None:
             dist.all_reduce(totals, group=self.loss_mesh.get_group())

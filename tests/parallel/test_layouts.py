@@ -26,9 +26,19 @@ def reference(tmp_path_factory, byte_tokenizer, fixed_docs, tiny_llama):
         "--training.dataset", "json", "--training.data_files", fixed_docs, "--training.seq_len", str(SEQ_LEN),
         "--training.batch_size", "4", "--training.steps", str(STEPS), "--training.mixed_precision_param", "float32",
         "--lr_scheduler.warmup_steps", "2", "--optimizer.lr", "3e-3", "--metrics.log_freq", "1",
+        *validation_flags(fixed_docs, batch_size=4),
     ]  # fmt: skip
     train(args)
     return read_metrics(dump)
+
+
+def validation_flags(data: str, batch_size: int) -> list[str]:
+    """Validation at the last step on 2 fixed batches (the same documents for every layout)."""
+    return [
+        "--validation.enable", "true", "--validation.freq", str(STEPS), "--validation.steps", "2",
+        "--validation.dataset", "json", "--validation.data_files", data, "--validation.dataset_split", "train",
+        "--validation.batch_size", str(batch_size),
+    ]  # fmt: skip
 
 
 def assert_same(reference: list[dict], other: list[dict]) -> None:
@@ -36,6 +46,7 @@ def assert_same(reference: list[dict], other: list[dict]) -> None:
     for a, b in zip(reference, other, strict=True):
         assert abs(a["loss"] - b["loss"]) <= LOSS_TOL, (a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= GRAD_REL_TOL * a["grad_norm"], (a, b)
+    assert abs(reference[-1]["validation_loss"] - other[-1]["validation_loss"]) <= LOSS_TOL
 
 
 @pytest.mark.parametrize(
@@ -47,8 +58,9 @@ def assert_same(reference: list[dict], other: list[dict]) -> None:
     ],
     ids=["tp2", "tp2-no-loss-parallel", "fsdp2xtp2"],
 )
-def test_layout_matches_one_process(reference, train_args, tmp_path, nproc, flags):
+def test_layout_matches_one_process(reference, train_args, tmp_path, fixed_docs, nproc, flags):
     tp = int(flags.get("training__tensor_parallel_degree", 1))
     dp = nproc // tp
-    torchrun(nproc, train_args("layout", training__batch_size=4 // dp, training__steps=STEPS, **flags))
+    args = train_args("layout", training__batch_size=4 // dp, training__steps=STEPS, **flags)
+    torchrun(nproc, [*args, *validation_flags(fixed_docs, batch_size=4 // dp)])
     assert_same(reference, read_metrics(tmp_path / "layout"))
