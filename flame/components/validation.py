@@ -7,14 +7,13 @@ token counts are reduced over them, so the number does not depend on the layout.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from flame.config.schema import JobConfig
 
@@ -31,6 +30,7 @@ def validation_data_config(config: JobConfig) -> Any:
         dataset_split=v.dataset_split,
         data_dir=v.data_dir if v.dataset else t.data_dir,
         data_files=v.data_files if v.dataset else t.data_files,
+        data_probs=[] if v.dataset else t.data_probs,
         batch_size=v.batch_size,
         num_workers=0,
         persistent_workers=False,
@@ -56,29 +56,24 @@ class Validator:
         return self.config.validation.enable and (step % self.config.validation.freq == 0 or last_step)
 
     @torch.no_grad()
-    def validate(self, model: torch.nn.Module, model_inputs, loss_context=contextlib.nullcontext) -> dict[str, float]:
+    def validate(self, model_parts: list[torch.nn.Module], loss_sum: Callable) -> dict[str, float]:
         """``{"validation_loss", "validation_perplexity", "validation_tokens"}`` over the fixed batches.
 
-        ``loss_context`` is the trainer's (loss parallelism under tensor parallel: sharded logits)."""
-        was_training = model.training
-        model.eval()
+        ``loss_sum(batch)`` is the trainer's summed token loss of a batch under its layout (loss
+        parallel, pipeline schedule, ...), the same value on every rank of a data-parallel replica."""
+        modes = [part.training for part in model_parts]
+        for part in model_parts:
+            part.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, target tokens
         loader = iter(self._build())
         for _ in range(self.steps):
             batch = next(loader)
-            labels = batch["labels"].to(self.device)
-            with loss_context():
-                logits = model(**model_inputs(batch, self.device)).logits
-                loss_sum = torch.nn.functional.cross_entropy(
-                    logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-                )
-            if isinstance(loss_sum, DTensor):
-                loss_sum = loss_sum.full_tensor()
-            totals[0] += loss_sum.double()
-            totals[1] += (labels != IGNORE_INDEX).sum()
+            totals[0] += loss_sum(batch).double()
+            totals[1] += (batch["labels"] != IGNORE_INDEX).sum().item()
         if self.loss_mesh is not None:
             dist.all_reduce(totals, group=self.loss_mesh.get_group())
-        model.train(was_training)
+        for part, mode in zip(model_parts, modes, strict=True):
+            part.train(mode)
         loss = (totals[0] / totals[1]).item()
         return {
             "validation_loss": loss,

@@ -1,7 +1,12 @@
-"""flame's data path: text sources -> tokenized, packed, sharded, resumable batches.
+"""flame's data path: text sources -> tokenized, mixed, packed, sharded, resumable batches.
 
 ``build_dataloader(training, tokenizer, dp_rank=r, dp_world_size=w)`` is the entry point the
-trainer uses; ``python -m flame.data.demo`` builds a small real corpus and tokenizer.
+trainer uses. Modules: ``sources`` (finding and loading datasets), ``documents``/``streaming``
+(per-shard readers of map-style and streamed sources), ``mixing`` (sampling sources by
+probability), ``packing`` (rows and the resumable state), ``varlen`` (packed documents and their
+boundaries), ``tokenized`` (preprocessed folders). Command lines: ``python -m flame.data.demo``
+builds a small real corpus and tokenizer, ``python -m flame.data.inspect`` shows the batches
+training would see, ``python -m flame.utils.preprocess`` tokenizes a dataset offline.
 
 ``build_dataloader`` is imported lazily (PEP 562) so that ``flame.data.demo`` and the
 source checks do not pay for importing torchtitan and datasets.

@@ -2,56 +2,34 @@
 
 Attributes read from ``training`` (lists hold one entry per dataset, ``""`` = not given):
 ``batch_size``, ``seq_len``, ``dataset``, ``dataset_name``, ``dataset_split``, ``data_dir``,
-``data_files`` (``;`` between several files/globs of one dataset), ``text_column``,
-``num_workers``, ``prefetch_factor``, ``pin_memory``, ``persistent_workers``, ``seed``, and
-``streaming``/``varlen``/``data_probs`` which must be off/single for now.
+``data_files`` (``;`` between several files/globs of one dataset), ``data_probs``,
+``text_column``, ``streaming``, ``shuffle_buffer_size``, ``varlen``, ``context_len``,
+``num_workers``, ``prefetch_factor``, ``pin_memory``, ``persistent_workers``, ``seed``.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import numpy as np
 import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 import flame.distributed.titan  # noqa: F401  (patches torchtitan for CPU; import it first)
 from flame.config.errors import ConfigError
-from flame.data.packing import PackedTextDataset
-from flame.data.sources import load_source, pick_text_column, resolve_source
+from flame.data.checks import data_problems
+from flame.data.documents import MapDocuments
+from flame.data.mixing import normalize_probs, source_metrics
+from flame.data.packing import PackedDataset
+from flame.data.sources import Source, load_source, pick_text_column, resolve_source, source_names
+from flame.data.streaming import StreamDocuments
+from flame.data.tokenized import COLUMN, check_tokenizer, read_meta
+from flame.data.varlen import collate_varlen
 
 from torchtitan.components.dataloader import ParallelAwareDataloader
 
-
-def _check_supported(training: Any, dp_rank: int, dp_world_size: int) -> None:
-    """Reject settings this data path does not handle yet, before loading anything."""
-    problems = []
-    if not training.dataset:
-        problems.append("--training.dataset is required: a hub name, a local folder or file, or a builder such as json")
-    elif len(training.dataset) != 1:
-        problems.append(
-            f"--training.dataset: {len(training.dataset)} datasets given; mixing several datasets "
-            "(--training.data_probs) is not supported yet, give exactly one"
-        )
-    if getattr(training, "streaming", False):
-        problems.append("--training.streaming: streaming datasets are not supported yet")
-    if getattr(training, "varlen", False):
-        problems.append("--training.varlen: variable-length (document-masked) packing is not supported yet")
-    for flag in ("dataset_name", "dataset_split", "data_dir", "data_files"):
-        values = getattr(training, flag, [])
-        if len(values) > max(1, len(training.dataset)):
-            problems.append(
-                f"--training.{flag}: {len(values)} entries for {len(training.dataset)} dataset(s); "
-                "give one entry per dataset"
-            )
-    if training.seq_len < 1:
-        problems.append(f"--training.seq_len must be >= 1, got {training.seq_len}")
-    if training.batch_size < 1:
-        problems.append(f"--training.batch_size must be >= 1, got {training.batch_size}")
-    if training.num_workers < 0:
-        problems.append(f"--training.num_workers must be >= 0, got {training.num_workers}")
-    if not 0 <= dp_rank < dp_world_size:
-        problems.append(f"data-parallel rank {dp_rank} is outside 0..{dp_world_size - 1}")
-    if problems:
-        raise ConfigError(problems)
+logger = logging.getLogger("flame.data")
 
 
 def backend_tokenizer(tokenizer: Any) -> Any:
@@ -75,15 +53,87 @@ def backend_tokenizer(tokenizer: Any) -> Any:
     return copy
 
 
-def build_dataloader(
-    training: Any, tokenizer: Any, *, dp_rank: int = 0, dp_world_size: int = 1
-) -> ParallelAwareDataloader:
+class FlameDataLoader(ParallelAwareDataloader):
+    """torchtitan's rank-aware StatefulDataLoader, plus the realized per-source counts."""
+
+    def source_counts(self) -> np.ndarray:
+        """``[2, num_sources]`` int64: documents and tokens of each source in the rows yielded so far
+        by this rank (all its workers), as of the last batch handed out."""
+        dataset: PackedDataset = self.dataset  # type: ignore[assignment]
+        total = np.zeros((2, len(dataset.sources)), dtype=np.int64)
+        if self.num_workers == 0:
+            states = [dataset.state_dict()]
+        else:
+            # StatefulDataLoader keeps each worker's dataset state as of the last batch it handed out.
+            snapshot = StatefulDataLoader.state_dict(self).get("_snapshot", {})
+            states = [w.get("dataset_state") for w in snapshot.get("_worker_snapshots", {}).values()]
+        for state in states:
+            if state and "counts" in state:
+                total += np.asarray([state["counts"]["documents"], state["counts"]["tokens"]], dtype=np.int64)
+        return total
+
+    def source_metrics(self, group: Any = None, device: Any = "cpu") -> dict[str, float]:
+        """Realized per-source documents, tokens and shares summed over the data-parallel ranks of
+        ``group`` (a collective when given: call it on every rank), as flat metric fields; empty
+        with a single source."""
+        dataset: PackedDataset = self.dataset  # type: ignore[assignment]
+        if len(dataset.sources) < 2:
+            return {}
+        counts = torch.from_numpy(self.source_counts()).to(device)
+        if group is not None:
+            torch.distributed.all_reduce(counts, group=group)
+        documents, tokens = counts.cpu().numpy()
+        return source_metrics(dataset.names, dataset.probs, documents, tokens)
+
+
+def _open_source(training: Any, index: int, tokenizer: Any, eos_id: int, num_shards: int) -> tuple[Source, Any]:
+    """Resolve, load and check dataset ``index``; returns it and its ``MapDocuments``/``StreamDocuments``."""
+    src = resolve_source(training, index)  # cheap checks first: files, globs, folders
+    streaming = bool(getattr(training, "streaming", False))
+    tokenized = src.kind == "tokenized"
+    if tokenized:
+        check_tokenizer(src.spec, read_meta(src.path), tokenizer, eos_id)
+    ds = load_source(src, streaming=streaming, num_shards=num_shards)
+    if tokenized:
+        column = COLUMN
+        if column not in (ds.column_names or []):
+            raise ConfigError(f"--training.dataset {src.label!r}: preprocessed folder without an {column!r} column")
+    else:
+        column = pick_text_column(ds, getattr(training, "text_column", ""), src.label)
+    if streaming:
+        buffer = int(getattr(training, "shuffle_buffer_size", 1000))
+        docs = StreamDocuments(
+            ds.select_columns([column]), column=column, tokenized=tokenized, spec=src.label, buffer_size=buffer
+        )
+        mode = (
+            "its own data files"
+            if ds.num_shards % num_shards == 0
+            else f"the rows whose index is its id mod {num_shards}"
+        )
+        what = ";".join(src.data_files) or src.path
+        logger.info(
+            "dataset %r: streaming %d data file(s); each of %d shards reads %s", what, ds.num_shards, num_shards, mode
+        )
+        return src, docs
+    if len(ds) < num_shards:
+        raise ConfigError(
+            f"--training.dataset {src.label!r} has {len(ds)} documents, fewer than the {num_shards} shards "
+            "(data-parallel ranks x --training.num_workers workers) that each need at least one"
+        )
+    return src, MapDocuments(
+        ds.select_columns([column]).with_format(None), column=column, tokenized=tokenized, spec=src.label
+    )
+
+
+def build_dataloader(training: Any, tokenizer: Any, *, dp_rank: int = 0, dp_world_size: int = 1) -> FlameDataLoader:
     """Build this data-parallel rank's loader of packed token rows.
 
-    Each batch is ``{"input_ids": LongTensor[batch_size, seq_len], "labels": same shape}``,
-    labels being the inputs shifted left by one token. The loader never runs dry (epochs roll
-    over with a reshuffle) and its ``state_dict()``/``load_state_dict()`` resume exactly,
-    keyed by ``dp_rank`` so distributed checkpoints keep every rank's position.
+    Each batch is ``{"input_ids": LongTensor[batch_size, seq_len], "labels": same shape}``, labels
+    being the inputs shifted left by one token; with ``varlen`` also ``position_ids`` (per
+    document) and ``cu_seqlens`` (int32, over the flattened batch), labels -100 at document
+    boundaries. The loader never runs dry (every source rolls over into a reshuffled epoch) and
+    its ``state_dict()``/``load_state_dict()`` resume exactly, keyed by ``dp_rank`` so distributed
+    checkpoints keep every rank's position.
 
     Args:
         training: the parsed ``[training]`` section (attributes: see this module's docstring).
@@ -91,10 +141,19 @@ def build_dataloader(
         dp_rank, dp_world_size: this rank's place among the data-parallel ranks.
 
     Raises:
-        ConfigError: for unsupported settings, missing files, unloadable datasets, a missing
-            or non-string text column, a tokenizer without EOS, or too few documents.
+        ConfigError: for bad settings, missing files, unloadable datasets, a missing or non-string
+            text column, a preprocessed folder from another tokenizer, a tokenizer without EOS, or
+            too few documents.
     """
-    _check_supported(training, dp_rank, dp_world_size)
+    problems = data_problems(training)
+    for flag, value, low in (("seq_len", training.seq_len, 1), ("batch_size", training.batch_size, 1),
+                             ("num_workers", training.num_workers, 0)):  # fmt: skip
+        if value < low:
+            problems.append(f"--training.{flag} must be >= {low}, got {value}")
+    if not 0 <= dp_rank < dp_world_size:
+        problems.append(f"data-parallel rank {dp_rank} is outside 0..{dp_world_size - 1}")
+    if problems:
+        raise ConfigError(problems)
     eos_id = getattr(tokenizer, "eos_token_id", None)
     if eos_id is None:
         raise ConfigError(
@@ -102,36 +161,36 @@ def build_dataloader(
             "eos_token in the tokenizer folder's tokenizer_config.json"
         )
     tok = backend_tokenizer(tokenizer)
-
-    source = resolve_source(training, 0)  # cheap checks first: files, globs, folders
-    ds = load_source(source)
-    column = pick_text_column(ds, getattr(training, "text_column", ""), source.spec)
-
     num_workers = training.num_workers
-    shards = dp_world_size * max(1, num_workers)
-    if len(ds) < shards:
-        raise ConfigError(
-            f"--training.dataset {source.spec!r} has {len(ds)} documents, fewer than the "
-            f"{shards} shards ({dp_world_size} data-parallel ranks x {max(1, num_workers)} "
-            "workers, --training.num_workers) that each need at least one"
-        )
-    dataset = PackedTextDataset(
-        ds.select_columns([column]).with_format(None),
+    num_shards = dp_world_size * max(1, num_workers)
+    opened = [_open_source(training, i, tokenizer, eos_id, num_shards) for i in range(len(training.dataset))]
+    sources = [docs for _, docs in opened]
+    probs = normalize_probs(list(getattr(training, "data_probs", []) or []), len(sources))
+    for docs, name, prob in zip(sources, source_names([src for src, _ in opened]), probs, strict=True):
+        docs.name = name
+        if len(sources) > 1:
+            logger.info("source %r (%s): sampling probability %.3f", name, docs.spec, prob)
+    varlen = bool(getattr(training, "varlen", False))
+    dataset = PackedDataset(
+        sources,
         tok,
         eos_id,
         training.seq_len,
-        column=column,
+        probs=probs,
+        varlen=varlen,
+        context_len=getattr(training, "context_len", None),
         seed=training.seed,
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
     )
     prefetch = getattr(training, "prefetch_factor", None)
-    return ParallelAwareDataloader(
+    return FlameDataLoader(
         dataset,
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
         batch_size=training.batch_size,
         num_workers=num_workers,
+        collate_fn=collate_varlen if varlen else None,
         # ParallelAwareDataloader drops these two when num_workers == 0.
         prefetch_factor=prefetch if prefetch and prefetch > 0 else None,
         persistent_workers=bool(getattr(training, "persistent_workers", False)),

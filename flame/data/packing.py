@@ -1,19 +1,24 @@
-"""The stateful tokenizing and packing dataset behind flame's training data loader.
+"""The stateful packing dataset behind flame's training data loader.
 
-Documents are shuffled (seeded), split into disjoint shards over data-parallel ranks and then
-over dataloader workers, tokenized in chunks, joined with EOS after every document and cut into
-fixed windows of ``seq_len + 1`` tokens (``input_ids = window[:-1]``, ``labels = window[1:]``).
+Per data shard (data-parallel rank x dataloader worker) it draws documents from its sources
+(``flame.data.mixing``), joins them with EOS into one token stream and cuts rows from it:
 
-Resume state is small on purpose: StatefulDataLoader asks every worker for its state after
-every batch, so instead of the (possibly megabytes large) tokenized chunk we keep where the
-chunk starts, how many of its tokens were consumed and the < ``seq_len + 1`` tokens carried
-over from before it. Resuming re-tokenizes that one chunk; tokenization is deterministic, so
-the restored stream is identical.
+* plain: windows of ``seq_len + 1`` tokens, ``input_ids = window[:-1]``, ``labels = window[1:]``;
+* varlen: rows of ``seq_len`` tokens with per-document ``position_ids`` and -100 labels at
+  boundaries, documents split into pieces of at most ``context_len`` (``flame.data.varlen``).
+
+Resume state stays small on purpose: StatefulDataLoader asks every worker for its state after
+every batch. Instead of buffered tokens we keep the source positions as they were when the
+stream was last *rebased* (whenever fewer tokens than a row are left: before yielding that
+row), those leftover tokens (the carry, less than a row), and how many tokens of the stream
+since then went into rows. Resuming restores the sources, pulls the same documents again
+(tokenization is deterministic) and skips what was used. Per-source realized counts (documents
+and tokens that went into yielded rows) are part of the state, so they resume too.
 """
 
 from __future__ import annotations
 
-import logging
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,26 +26,251 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-logger = logging.getLogger("flame.data")
+from flame.data import documents
+from flame.data.documents import MapDocuments, ReadContext
+from flame.data.mixing import MixedReader, normalize_probs
+from flame.data.varlen import varlen_row
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
-class PackedTextDataset(IterableDataset):
-    """Endless stream of packed ``{"input_ids", "labels"}`` rows of ``seq_len`` tokens each.
+class _Stream:
+    """Tokens not yet cut into rows, with each token's source and boundary flags."""
+
+    def __init__(self, tokens: np.ndarray, sources: np.ndarray, pieces: np.ndarray, docs: np.ndarray) -> None:
+        self.tokens, self.sources, self.pieces, self.docs = tokens, sources, pieces, docs
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.length = len(tokens)
+
+    def append(self, ids: np.ndarray, source: int, offset: int, context_len: int) -> None:
+        """Add a document part that starts ``offset`` tokens into its document."""
+        n = len(ids)
+        pieces = np.zeros(n, dtype=bool)
+        if context_len:  # varlen: a piece starts at every multiple of context_len in the document
+            pieces[(-offset) % context_len :: context_len] = True
+        docs = np.zeros(n, dtype=bool)
+        if offset == 0:
+            docs[0] = True
+        self._pending.append((ids, np.full(n, source, dtype=np.int16), pieces, docs))
+        self.length += n
+
+    def flush(self) -> None:
+        if self._pending:
+            columns = zip((self.tokens, self.sources, self.pieces, self.docs), *self._pending, strict=True)
+            self.tokens, self.sources, self.pieces, self.docs = (np.concatenate(c) for c in columns)
+            self._pending = []
+
+    def tail(self, pos: int) -> _Stream:
+        self.flush()
+        return _Stream(*(a[pos:].copy() for a in (self.tokens, self.sources, self.pieces, self.docs)))
+
+    def carry_state(self) -> dict[str, Any]:
+        self.flush()
+        starts = np.flatnonzero(np.diff(self.sources)) + 1 if len(self.sources) else np.zeros(0, dtype=np.int64)
+        bounds = [0, *starts.tolist(), len(self.sources)] if len(self.sources) else []
+        runs = [[int(self.sources[a]), b - a] for a, b in itertools.pairwise(bounds)]
+        return {
+            "carry": self.tokens.tolist(),
+            "carry_sources": runs,
+            "carry_pieces": np.flatnonzero(self.pieces).tolist(),
+            "carry_docs": np.flatnonzero(self.docs).tolist(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> _Stream:
+        tokens = np.asarray(state["carry"], dtype=np.int64)
+        n = len(tokens)
+        runs = state.get("carry_sources") or ([[0, n]] if n else [])
+        sources = np.concatenate([np.full(k, s, dtype=np.int16) for s, k in runs]) if runs else np.zeros(0, np.int16)
+        pieces, docs = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        pieces[state.get("carry_pieces", [])] = True
+        docs[state.get("carry_docs", [])] = True
+        return cls(tokens, sources, pieces, docs)
+
+
+class PackedDataset(IterableDataset):
+    """Endless stream of packed rows (dicts of int64 tensors) for one data-parallel rank.
 
     Args:
-        docs: the documents: a ``datasets.Dataset`` (read column ``column``) or a list of
-            strings. ``None`` and empty strings are skipped.
+        sources: ``MapDocuments``/``StreamDocuments``, one per dataset.
         tokenizer: a ``tokenizers.Tokenizer`` without truncation or padding.
         eos_id: token id appended after every document.
-        seq_len: tokens per row; each row consumes ``seq_len + 1`` tokens of the stream.
-        seed: shuffle seed; epoch ``e`` uses the permutation seeded by ``(seed, e)``.
-        dp_rank, dp_world_size: this rank's shard of the documents.
-        docs_per_chunk: documents per tokenizer call (batched encode is much faster than one
-            call per document and uses the tokenizer's thread pool).
-        max_chunk_chars: a chunk stops early past this many characters, bounding memory when
-            documents are huge (a chunk always holds at least one document).
+        seq_len: tokens per row (plain rows use ``seq_len + 1`` tokens of the stream).
+        probs: sampling probability of each source (normalized; equal when empty).
+        varlen: cut varlen rows (see the module docstring) instead of plain windows.
+        context_len: with varlen, the longest piece of a document in tokens (<= seq_len).
+        seed: shuffling and mixing seed.
+        dp_rank, dp_world_size: this rank's place among the data-parallel ranks.
+        max_part_chars: longer texts are tokenized piecewise, bounding memory (default:
+            ``flame.data.documents.MAX_PART_CHARS``).
+    """
+
+    def __init__(
+        self,
+        sources: list[Any],
+        tokenizer: Any,
+        eos_id: int,
+        seq_len: int,
+        *,
+        probs: list[float] | None = None,
+        varlen: bool = False,
+        context_len: int | None = None,
+        seed: int = 0,
+        dp_rank: int = 0,
+        dp_world_size: int = 1,
+        max_part_chars: int | None = None,
+    ) -> None:
+        super().__init__()
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        if not 0 <= dp_rank < dp_world_size:
+            raise ValueError(f"dp_rank {dp_rank} is outside 0..{dp_world_size - 1}")
+        self.sources = list(sources)
+        self.names = [s.name for s in self.sources]
+        self.probs = normalize_probs(list(probs or []), len(self.sources))
+        self.tokenizer, self.eos_id, self.seq_len = tokenizer, int(eos_id), int(seq_len)
+        self.varlen = bool(varlen)
+        self.context_len = int(context_len or seq_len) if varlen else 0
+        if varlen and not 1 <= self.context_len <= seq_len:
+            raise ValueError(f"context_len must be in 1..seq_len ({seq_len}), got {self.context_len}")
+        self.seed, self.dp_rank, self.dp_world_size = int(seed), dp_rank, dp_world_size
+        self.max_part_chars = max_part_chars or documents.MAX_PART_CHARS
+        self._state = self._initial_state()
+        self._live: MixedReader | None = None  # the reader of the running iteration
+
+    def _initial_state(self) -> dict[str, Any]:
+        reader = {"draws": 0, "current": -1, "sources": {str(i): s.initial_state() for i, s in enumerate(self.sources)}}
+        zeros = [0] * len(self.sources)
+        return {
+            "reader": reader,
+            **_Stream.from_state({"carry": []}).carry_state(),
+            "consumed": 0,
+            "counts": {"documents": list(zeros), "tokens": list(zeros)},
+        }
+
+    # ----------------------------------------------------------------- sharding
+
+    def _shard(self) -> tuple[int, int]:
+        """(shard id, number of shards) for the calling process: rank-major, then worker."""
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # perm[rank::world][worker::nw] == perm[rank + world * worker :: world * nw]
+        return self.dp_rank + self.dp_world_size * worker, self.dp_world_size * num_workers
+
+    def _reader(self, shard_id: int, num_shards: int) -> MixedReader:
+        readers = [
+            source.reader(
+                ReadContext(i, shard_id, num_shards, self.seed, self.tokenizer, self.eos_id, self.max_part_chars)
+            )
+            for i, source in enumerate(self.sources)
+        ]
+        reader = MixedReader(readers, self.probs, self.seed, shard_id, num_shards)
+        reader.load_state_dict(self._state["reader"])
+        return reader
+
+    # ---------------------------------------------------------------- iteration
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield rows forever, continuing from the current (or loaded) state."""
+        state = self._state
+        reader = self._live = self._reader(*self._shard())
+        stream = _Stream.from_state(state)
+        pos = state["consumed"]
+        window = self.seq_len if self.varlen else self.seq_len + 1
+        documents, tokens = state["counts"]["documents"], state["counts"]["tokens"]
+        num_sources = len(self.sources)
+        while True:
+            while stream.length < pos + window:
+                ids, source, offset, _ = reader.next_part()
+                stream.append(ids, source, offset, self.context_len)
+            stream.flush()
+            end = pos + window
+            if self.varlen:
+                row = varlen_row(stream.tokens[pos:end], stream.pieces[pos:end])
+            else:
+                window_tokens = torch.from_numpy(stream.tokens[pos:end])
+                row = {"input_ids": window_tokens[:-1], "labels": window_tokens[1:]}
+            sources = stream.sources[pos:end]
+            for i, n in enumerate(np.bincount(sources, minlength=num_sources).tolist()):
+                tokens[i] += n
+            for i, n in enumerate(np.bincount(sources[stream.docs[pos:end]], minlength=num_sources).tolist()):
+                documents[i] += n
+            pos = end
+            if stream.length - pos < window:
+                # Rebase before the yield (state_dict() is taken after it): the leftover, less than a
+                # row, becomes the carry and the sources' positions after it the snapshot.
+                stream, pos = stream.tail(pos), 0
+                state.update(reader=reader.state_dict(), consumed=0, **stream.carry_state())
+            else:
+                state["consumed"] = pos
+            yield row
+
+    # -------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """This shard's position: source snapshot, carry, tokens used since, realized counts."""
+        state = self._state
+        shard = list(self._shard())
+        return {
+            "version": STATE_VERSION,
+            **state,
+            "counts": {k: list(v) for k, v in state["counts"].items()},
+            # for a quick look: the epoch the first source is reading now (the restorable
+            # position of every source is the snapshot in "reader")
+            "epoch": self._live.readers[0].epoch if self._live else int(state["reader"]["sources"]["0"]["epoch"]),
+            "seed": self.seed,
+            "shard": shard,
+            "packing": [self.seq_len, self.context_len],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position saved by ``state_dict``; the next ``iter()`` continues there.
+
+        Raises ValueError when the state belongs to other data (sources, document counts, seed),
+        another sharding (ranks x workers) or other packing settings.
+        """
+        if int(state.get("version", 1)) == 1:
+            state = _from_version_1(state, self)
+        expected = {"seed": self.seed, "shard": list(self._shard()), "packing": [self.seq_len, self.context_len]}
+        wrong = [f"{k}: saved {state.get(k)}, now {v}" for k, v in expected.items() if state.get(k) != v]
+        saved_sources = state["reader"]["sources"]
+        if len(saved_sources) != len(self.sources):
+            wrong.append(f"sources: saved {len(saved_sources)}, now {len(self.sources)}")
+        else:
+            for i, source in enumerate(self.sources):
+                wrong += [f"source {source.name!r} {p}" for p in source.state_problems(saved_sources[str(i)])]
+        if wrong:
+            raise ValueError(f"data loader state does not match this data/sharding ({', '.join(wrong)})")
+        self._live = None
+        keys = ("reader", "carry", "carry_sources", "carry_pieces", "carry_docs", "consumed")
+        self._state = {k: state[k] for k in keys}
+        self._state["counts"] = {k: [int(x) for x in v] for k, v in state["counts"].items()}
+
+
+def _from_version_1(state: dict[str, Any], dataset: PackedDataset) -> dict[str, Any]:
+    """A state saved by flame's first data loader (one map-style source, plain rows), converted.
+
+    Its stream was ``carry`` + the tokens of the chunk at ``chunk_start``, ``consumed`` tokens in:
+    exactly a snapshot at that chunk with this carry, so the conversion resumes exactly.
+    """
+    source = dict(dataset.sources[0].initial_state(), epoch=state["epoch"], chunk_start=state["chunk_start"])
+    source.update(num_docs=state["num_docs"], chunking=state.get("chunking", source["chunking"]))
+    zeros = [0] * len(dataset.sources)
+    return {
+        **{k: state[k] for k in ("seed", "shard")},
+        "packing": [dataset.seq_len, 0],
+        "reader": {"draws": 0, "current": -1, "sources": {"0": source}},
+        **_Stream.from_state({"carry": state["carry"]}).carry_state(),
+        "consumed": state["consumed"],
+        "counts": {"documents": list(zeros), "tokens": list(zeros)},
+    }
+
+
+class PackedTextDataset(PackedDataset):
+    """One map-style source of texts (a ``datasets.Dataset`` column or a list of strings), plain rows.
+
+    ``docs_per_chunk`` documents are tokenized per call (batched encoding is much faster and uses
+    the tokenizer's thread pool); a chunk stops early past ``max_chunk_chars`` characters.
     """
 
     def __init__(
@@ -57,161 +287,5 @@ class PackedTextDataset(IterableDataset):
         docs_per_chunk: int = 128,
         max_chunk_chars: int = 4_000_000,
     ) -> None:
-        super().__init__()
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        if not 0 <= dp_rank < dp_world_size:
-            raise ValueError(f"dp_rank {dp_rank} is outside 0..{dp_world_size - 1}")
-        self.docs = docs
-        self.column = column
-        self.tokenizer = tokenizer
-        self.eos_id = int(eos_id)
-        self.seq_len = int(seq_len)
-        self.seed = int(seed)
-        self.dp_rank = dp_rank
-        self.dp_world_size = dp_world_size
-        self.docs_per_chunk = docs_per_chunk
-        self.max_chunk_chars = max_chunk_chars
-        self.num_docs = len(docs)
-        # Position in this worker's stream; see the module docstring for why it looks like this.
-        self._state: dict[str, Any] = {"epoch": 0, "chunk_start": 0, "consumed": 0, "carry": []}
-
-    # ----------------------------------------------------------------- sharding
-
-    def _shard(self) -> tuple[int, int]:
-        """(shard id, number of shards) for the calling process: rank-major, then worker."""
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # perm[rank::world][worker::nw] == perm[rank + world * worker :: world * nw]
-        return self.dp_rank + self.dp_world_size * worker, self.dp_world_size * num_workers
-
-    def epoch_order(self, epoch: int, shard_id: int, num_shards: int) -> np.ndarray:
-        """Document indices of one shard for ``epoch``, in reading order.
-
-        Every epoch draws a fresh global permutation seeded by ``(seed, epoch)`` (a tuple seed,
-        so seed 1 / epoch 0 and seed 0 / epoch 1 do not collide) and strides it, so within an
-        epoch the shards are disjoint and together cover every document exactly once.
-        """
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_docs)
-        return perm[shard_id::num_shards]
-
-    # ------------------------------------------------------------------ reading
-
-    def _fetch(self, indices: np.ndarray) -> list[str | None]:
-        if isinstance(self.docs, (list, tuple)):
-            return [self.docs[i] for i in indices.tolist()]
-        return self.docs[indices.tolist()][self.column]
-
-    def _read_chunk(self, order: np.ndarray, start: int) -> tuple[list[str], int]:
-        """Texts of the chunk starting at ``order[start]`` and the index where it ends.
-
-        The chunk boundary depends only on the documents, so a resume finds the same chunk.
-        """
-        texts = self._fetch(order[start : start + self.docs_per_chunk])
-        keep, total = len(texts), 0
-        for i, text in enumerate(texts):
-            total += len(text) if text else 0
-            if total >= self.max_chunk_chars:
-                keep = i + 1
-                break
-        return [t for t in texts[:keep] if t], start + keep
-
-    def _tokenize(self, texts: list[str], carry: list[int]) -> np.ndarray:
-        """``carry`` followed by every document's tokens plus EOS, as one int64 array."""
-        stream = list(carry)
-        eos = self.eos_id
-        if texts:
-            # encode_batch_fast skips offset tracking; ids are identical to encode_batch.
-            for enc in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False):
-                ids = enc.ids
-                if ids:  # a document that tokenizes to nothing adds no lone EOS
-                    stream.extend(ids)
-                    stream.append(eos)
-        return np.asarray(stream, dtype=np.int64)
-
-    # ---------------------------------------------------------------- iteration
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield packed rows forever, continuing from the current (or loaded) state."""
-        shard_id, num_shards = self._shard()
-        state = self._state
-        window = self.seq_len + 1
-        while True:
-            epoch = state["epoch"]
-            order = self.epoch_order(epoch, shard_id, num_shards)
-            if len(order) == 0:
-                raise RuntimeError(
-                    f"data shard {shard_id} of {num_shards} is empty: {self.num_docs} documents "
-                    "cannot feed every data-parallel rank and dataloader worker"
-                )
-            fresh_epoch = state["chunk_start"] == 0 and state["consumed"] == 0
-            epoch_tokens = 0
-            while state["chunk_start"] < len(order):
-                texts, end = self._read_chunk(order, state["chunk_start"])
-                stream = self._tokenize(texts, state["carry"])
-                epoch_tokens += len(stream) - len(state["carry"])
-                tensor = torch.from_numpy(stream)
-                pos = state["consumed"]
-                if pos > len(stream):  # only a state from other data or another tokenizer does this
-                    raise RuntimeError(
-                        f"data loader state points {pos} tokens into a chunk of {len(stream)}; it "
-                        "was saved with other data or another tokenizer"
-                    )
-                while pos + window <= len(stream):
-                    row = tensor[pos : pos + window]
-                    pos += window
-                    state["consumed"] = pos  # updated before yield: state_dict() is taken after
-                    yield {"input_ids": row[:-1], "labels": row[1:]}
-                state.update(chunk_start=end, consumed=0, carry=stream[pos:].tolist())
-            if fresh_epoch and epoch_tokens == 0:
-                raise RuntimeError(
-                    f"data shard {shard_id} of {num_shards} produced no tokens in a whole epoch "
-                    "(all its documents are empty)"
-                )
-            logger.info(
-                "data shard %d/%d (dp rank %d): epoch %d done after %d documents; reshuffling for epoch %d",
-                shard_id,
-                num_shards,
-                self.dp_rank,
-                epoch,
-                len(order),
-                epoch + 1,
-            )
-            state.update(epoch=epoch + 1, chunk_start=0, consumed=0)
-
-    # -------------------------------------------------------------------- state
-
-    def state_dict(self) -> dict[str, Any]:
-        """Position of this worker's stream: epoch, chunk start, tokens consumed, carry."""
-        shard_id, num_shards = self._shard()
-        return {
-            "version": STATE_VERSION,
-            **{k: v for k, v in self._state.items() if k != "carry"},
-            "carry": list(self._state["carry"]),
-            "num_docs": self.num_docs,
-            "seed": self.seed,
-            "shard": [shard_id, num_shards],
-            # chunk boundaries must be found again on resume, so the chunking travels along
-            "chunking": [self.docs_per_chunk, self.max_chunk_chars],
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a position saved by ``state_dict``; the next ``iter()`` continues there.
-
-        Raises ValueError when the state belongs to other data (document count, seed) or to
-        another sharding (ranks x workers), since the position would then mean nothing.
-        """
-        shard = list(self._shard())
-        expected = {"num_docs": self.num_docs, "seed": self.seed, "shard": shard}
-        wrong = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
-        if wrong:
-            detail = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in wrong.items())
-            raise ValueError(f"data loader state does not match this data/sharding ({detail})")
-        if "chunking" in state:
-            self.docs_per_chunk, self.max_chunk_chars = (int(v) for v in state["chunking"])
-        self._state = {
-            "epoch": int(state["epoch"]),
-            "chunk_start": int(state["chunk_start"]),
-            "consumed": int(state["consumed"]),
-            "carry": [int(t) for t in state["carry"]],
-        }
+        source = MapDocuments(docs, column=column, docs_per_chunk=docs_per_chunk, max_chunk_chars=max_chunk_chars)
+        super().__init__([source], tokenizer, eos_id, seq_len, seed=seed, dp_rank=dp_rank, dp_world_size=dp_world_size)

@@ -6,7 +6,8 @@ A source is one of:
   ``--training.data_files`` and/or ``--training.data_dir``;
 * a local data file (``.jsonl``, ``.json``, ``.parquet``, ``.txt``, ``.csv``, ``.arrow``): its
   builder is taken from the extension;
-* a local folder, either one written by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk``
+* a local folder, either one written by ``python -m flame.utils.preprocess`` (pre-tokenized,
+  see ``flame.data.tokenized``), one written by ``Dataset.save_to_disk``/``DatasetDict.save_to_disk``
   (read with ``load_from_disk``) or a folder of data files (read with ``load_dataset``, which
   infers splits from the file names, e.g. ``train.jsonl`` and ``validation.jsonl``);
 * anything else is taken as a Hugging Face hub dataset name.
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flame.config.errors import ConfigError
+from flame.data.tokenized import is_tokenized_folder
 
 # Builder names that `datasets` ships (datasets.packaged_modules); kept here so that checking a
 # source does not need to import `datasets` (about a second) just to classify a name.
@@ -46,7 +48,7 @@ _STRING_DTYPES = ("string", "large_string")
 
 @dataclass
 class Source:
-    """One checked dataset source; ``kind`` is "builder", "folder", "disk" or "hub"."""
+    """One checked dataset source; ``kind`` is "builder", "folder", "disk", "tokenized" or "hub"."""
 
     spec: str  # the --training.dataset entry as given (used in messages)
     kind: str
@@ -56,14 +58,25 @@ class Source:
     data_dir: str = ""
     data_files: list[str] = field(default_factory=list)
 
+    @property
+    def label(self) -> str:
+        """The dataset as messages name it: the entry, plus its data files for a builder name."""
+        if self.spec in BUILDERS and self.data_files:
+            return f"{self.spec} ({';'.join(self.data_files)})"
+        return self.spec
+
 
 def split_data_files(entry: str) -> list[str]:
     """Split one ``--training.data_files`` entry on ``;`` into its paths/globs (blanks dropped)."""
     return [part.strip() for part in entry.split(";") if part.strip()]
 
 
-def _entry(values: list[Any], index: int, default: Any) -> Any:
-    """The per-dataset entry ``index`` of a list flag; a missing or empty entry means default."""
+def _entry(values: list[Any], index: int, default: Any, broadcast: bool = False) -> Any:
+    """The per-dataset entry ``index`` of a list flag; a missing or empty entry means default.
+
+    ``broadcast``: a single entry applies to every dataset (``--training.dataset_split``)."""
+    if broadcast and len(values) == 1:
+        index = 0
     if index < len(values) and values[index] not in ("", None):
         return values[index]
     return default
@@ -118,7 +131,7 @@ def resolve_source(training: Any, index: int = 0) -> Source:
     """
     spec = str(training.dataset[index]).strip()
     name = _entry(training.dataset_name, index, "")
-    split = _entry(getattr(training, "dataset_split", []), index, "train")
+    split = _entry(getattr(training, "dataset_split", []), index, "train", broadcast=True)
     data_dir = _entry(getattr(training, "data_dir", []), index, "")
     files = split_data_files(_entry(getattr(training, "data_files", []), index, ""))
     src = Source(spec, "hub", spec, name, split, data_dir, files)
@@ -156,6 +169,14 @@ def resolve_source(training: Any, index: int = 0) -> Source:
 
     if os.path.isdir(local):
         src.path = local
+        if is_tokenized_folder(local):
+            src.kind = "tokenized"
+            if files or data_dir or name:
+                raise ConfigError(
+                    f"--training.dataset {spec!r} is a preprocessed (tokenized) folder; "
+                    "--training.dataset_name, --training.data_files and --training.data_dir do not apply to it"
+                )
+            return src
         if _is_saved_to_disk(local):
             src.kind = "disk"
             if files or data_dir or name:
@@ -177,17 +198,19 @@ def resolve_source(training: Any, index: int = 0) -> Source:
     return src  # a hub name: only `datasets` can tell whether it exists
 
 
-def load_source(src: Source):
-    """Load a checked source as one ``datasets.Dataset`` split (non-streaming).
+def load_source(src: Source, *, streaming: bool = False, num_shards: int = 1):
+    """Load a checked source as one split: a ``datasets.Dataset``, or with ``streaming`` a
+    ``datasets.IterableDataset`` (folders on disk become one with ``num_shards`` shards, so
+    that each data shard reads its own part).
 
     Any error from ``datasets`` is re-raised as ConfigError naming the dataset, with the
     original error chained for debugging.
     """
     import datasets
 
-    label = f"--training.dataset {src.spec!r}"
+    label = f"--training.dataset {src.label!r}"
     try:
-        if src.kind == "disk":
+        if src.kind in ("disk", "tokenized"):
             ds = datasets.load_from_disk(src.path)
             if isinstance(ds, datasets.DatasetDict):
                 if src.split not in ds:
@@ -202,10 +225,13 @@ def load_source(src: Source):
                 split=src.split,
                 data_dir=src.data_dir or None,
                 data_files=src.data_files or None,
+                streaming=streaming,
             )
     except ConfigError:
         raise
     except Exception as exc:  # datasets raises many types (ValueError, FileNotFoundError, ...)
+        while exc.__cause__ is not None and "generating the dataset" in str(exc):
+            exc = exc.__cause__  # type: ignore[assignment]  # the real reason (bad UTF-8, JSON, ...)
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         where = " (no local file or folder has that name either)" if src.kind == "hub" else ""
         raise ConfigError(
@@ -213,11 +239,28 @@ def load_source(src: Source):
             f"{detail}); check the name, --training.dataset_name, --training.dataset_split, "
             "--training.data_files and --training.data_dir"
         ) from exc
+    if isinstance(ds, datasets.IterableDataset):
+        return ds
     if not isinstance(ds, datasets.Dataset):
         raise ConfigError(f"{label}: expected one split, got {type(ds).__name__}")
     if len(ds) == 0:
         raise ConfigError(f"{label} (split {src.split!r}) has no rows")
+    if streaming:  # a folder on disk, streamed: contiguous row ranges as shards
+        return ds.to_iterable_dataset(num_shards=max(1, min(num_shards, len(ds))))
     return ds
+
+
+def _first_row(ds: Any, spec: str) -> dict[str, Any]:
+    """The first row of a stream (to learn its columns when the schema is not declared)."""
+    try:
+        return next(iter(ds.take(1)))
+    except StopIteration:
+        raise ConfigError(f"--training.dataset {spec!r} (streaming) has no rows") from None
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(
+            f"--training.dataset {spec!r} (streaming): reading failed ({type(exc).__name__}: {first})"
+        ) from exc
 
 
 def pick_text_column(ds: Any, requested: str, spec: str) -> str:
@@ -226,7 +269,9 @@ def pick_text_column(ds: Any, requested: str, spec: str) -> str:
     Raises ConfigError naming the dataset, the columns found and ``--training.text_column``
     when the column is missing or does not hold strings.
     """
-    columns = list(ds.column_names)
+    features = ds.features
+    first = _first_row(ds, spec) if features is None else None  # a stream that declares no schema
+    columns = list(first if first is not None else features)
     if requested:
         if requested not in columns:
             raise ConfigError(
@@ -240,10 +285,41 @@ def pick_text_column(ds: Any, requested: str, spec: str) -> str:
                 f"dataset {spec!r} has neither a 'text' nor a 'content' column (columns found: "
                 f"{columns}); name the column to train on with --training.text_column"
             )
-    feature = ds.features[column]
+    if first is not None:
+        from flame.data.documents import check_text
+
+        check_text(first[column], spec, column, tokenized=False)
+        return column
+    feature = features[column]
     if getattr(feature, "dtype", None) not in _STRING_DTYPES:
         raise ConfigError(
             f"column {column!r} of dataset {spec!r} holds non-string values ({feature}); "
             "--training.text_column must name a column of strings"
         )
     return column
+
+
+def source_names(sources: list[Source]) -> list[str]:
+    """Short, unique names for the sources, used in logs and metric keys (``source_tokens/<name>``).
+
+    A local file gives its stem, a folder its base name, a builder its first data file's stem
+    (or its data_dir's name), a hub dataset its name (plus ``:config``); repeats get ``_<i>``.
+    """
+    names: list[str] = []
+    for src in sources:
+        if src.kind == "hub":
+            name = src.spec + (f":{src.name}" if src.name else "")
+        elif src.kind == "builder" and src.data_files:
+            folder, first = os.path.split(src.data_files[0].rstrip("/"))
+            stem = first.split(".")[0].replace("*", "").replace("?", "").strip("_-")
+            # a glob such as wiki/*.jsonl is named by its folder
+            name = stem or os.path.basename(folder.replace("*", "").rstrip("/")) or src.spec
+        elif src.kind == "builder":
+            name = os.path.basename(os.path.normpath(src.data_dir)) or src.spec
+        else:
+            name = os.path.basename(os.path.normpath(src.path))
+        names.append(name.replace(" ", "_") or f"source{len(names)}")
+    for i, name in enumerate(names):
+        if names.count(name) > 1:
+            names[i] = f"{name}_{i}"
+    return names
