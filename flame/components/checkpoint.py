@@ -1,9 +1,24 @@
-"""Checkpoints: torchtitan's DCP CheckpointManager plus flame's train state.
+"""Checkpoints: torchtitan's DCP CheckpointManager plus flame's train state, retention and safety rules.
 
 Layout: ``<dump_folder>/<checkpoint.folder>/step-N/`` holding the model under its Hugging Face
 state-dict keys, the optimizer (FQN-keyed), the lr schedule, every data-parallel rank's loader
-state, and ``train_state`` (step, counters, every rank's RNG). DCP writes ``.metadata`` last, so a
-step folder without it (a crash during the save) is never resumed from.
+state, and ``train_state`` (step, counters, every rank's RNG).
+
+torchtitan's manager writes and reads the folders; flame decides around it, thinly:
+
+* **Completeness.** DCP writes ``.metadata`` last (temporary name, then rename), so a step folder
+  without it is a save that was interrupted: it is reported and never resumed from. Before a step
+  is written, folders of that step and later ones are removed (interrupted saves, or the checkpoints
+  of a run abandoned by an older ``load_step``), so a ``.metadata`` always describes the files beside
+  it and an automatic resume never jumps into another run.
+* **Which step to resume.** ``load_step`` or the newest complete, resumable checkpoint. A model-only
+  folder (a final ``model_weights_only`` export) is skipped; a model-only ``step-0`` (a seed
+  checkpoint or ``convert_hf_to_dcp`` output) gives the initial weights. Keys and shapes are checked
+  against the model first: a checkpoint of another model config is a ``ConfigError``, not a DCP crash.
+* **Retention.** flame purges, not torchtitan: torchtitan skips the purge after the last-step save
+  (one too many kept), lags one checkpoint in async mode, and counts interrupted folders. Here only
+  complete checkpoints count, the final one included, and an in-flight async save is never touched.
+* **Hugging Face start.** Without any checkpoint, ``initial_load_hf`` gives the initial weights.
 """
 
 from __future__ import annotations
@@ -11,6 +26,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +35,9 @@ import torch
 import torch.distributed as dist
 
 import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
+from flame.config.errors import ConfigError
 from flame.config.schema import JobConfig
+from flame.utils._checkpoint_io import available_steps, incomplete_steps, is_model_only, match_keys, tensor_metadata
 
 from torchtitan.components.checkpointer import CheckpointManager
 
@@ -61,25 +79,56 @@ class TrainState:
             torch.set_rng_state(states[rank])
 
 
+def _on_rank0(fn) -> Any:
+    """Run ``fn`` on rank 0 and give its result (or its ConfigError) to every rank.
+
+    Decisions read from the shared file system are taken once, so that ranks never disagree about
+    which step to load (and none waits forever in a collective that another rank skipped).
+    """
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except ConfigError as e:
+            box[0] = ("config", e.problems)
+        except Exception as e:  # any failure reaches every rank, instead of leaving them in the broadcast
+            box[0] = ("failed", f"{type(e).__name__}: {e}")
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "config":
+        raise ConfigError(value)
+    if status == "failed":
+        raise RuntimeError(f"rank 0 could not read the checkpoint folder: {value}")
+    return value
+
+
 class Checkpointer:
-    """When to save (every N steps or seconds, and at the end) and what to resume from."""
+    """When to save (every N steps or seconds, and at the end), what to resume from, what to keep."""
 
     def __init__(
         self, config: JobConfig, *, model, optimizers, lr_schedulers, dataloader, train_state: TrainState, device
     ):
         ck = config.checkpoint
         self.enabled = ck.enable_checkpoint and not ck.create_seed_checkpoint
+        self.folder = os.path.join(config.job.dump_folder, ck.folder)
         self.interval_type = ck.interval_type
         self.interval = ck.interval
         self.load_step = ck.load_step
+        self.keep_latest_k = ck.keep_latest_k
+        self.initial_load_hf = ck.initial_load_hf
+        # The model, or its pipeline stages on this rank (each then holds only some of the weights).
+        self.model_parts = model if isinstance(model, list) else [model]
+        self.pipelined = config.experimental.pipeline_parallel_degree > 1
         self.device = device
-        self._last_save_time = time.monotonic()
+        self.loaded_from = "fresh start"  # what load() did, in words, for the start-up log line
+        self.clock = time.monotonic  # seconds; replaceable so that tests can drive interval_type seconds
+        self._last_save_time = self.clock()
         self.manager = CheckpointManager(
             CheckpointManager.Config(
                 enable=ck.enable_checkpoint or ck.create_seed_checkpoint,
                 folder=ck.folder,
                 interval=1,  # flame decides when to save (steps or seconds); see should_save
-                keep_latest_k=ck.keep_latest_k,
+                keep_latest_k=0,  # flame purges (see the module docstring)
                 load_step=ck.load_step,
                 last_save_model_only=ck.model_weights_only,
                 export_dtype=ck.export_dtype,  # type: ignore[arg-type]
@@ -87,7 +136,7 @@ class Checkpointer:
                 initial_load_model_only=False,
             ),
             dataloader=dataloader,
-            model_parts=[model],
+            model_parts=self.model_parts,
             optimizers=optimizers,
             lr_schedulers=lr_schedulers,
             states={"train_state": train_state},
@@ -95,15 +144,82 @@ class Checkpointer:
             base_folder=config.job.dump_folder,
         )
 
-    def load(self) -> bool:
-        """Resume from ``load_step`` (-1: the newest complete checkpoint); False on a fresh start.
+    # ---- loading ---------------------------------------------------------------------------------
 
-        A model-only ``step-0`` (a seed checkpoint, or ``convert_hf_to_dcp`` output) gives the initial
-        weights and training starts at step 1.
+    def _step_to_load(self) -> int | None:
+        """The step to resume from (rank 0 decides): ``load_step``, else the newest resumable one."""
+        complete = available_steps(self.folder)
+        interrupted = incomplete_steps(self.folder)
+        if interrupted:
+            logger.warning(
+                "incomplete checkpoint folder(s) in %s: %s (no .metadata: the save was interrupted); not resumed "
+                "from, rewritten or removed later",
+                self.folder,
+                ", ".join(f"step-{s}" for s in interrupted),
+            )
+        listing = ", ".join(map(str, complete)) or "none"
+        if self.load_step != -1:
+            path = os.path.join(self.folder, f"step-{self.load_step}")
+            if self.load_step not in complete:
+                raise ConfigError(
+                    f"--checkpoint.load_step {self.load_step}: {path} is not a complete checkpoint "
+                    f"(complete steps in {self.folder}: {listing})"
+                )
+            if self.load_step > 0 and is_model_only(path):
+                raise ConfigError(
+                    f"--checkpoint.load_step {self.load_step}: {path} holds model weights only (a final export "
+                    f"with --checkpoint.model_weights_only) and cannot be resumed; complete steps: {listing}"
+                )
+            newer = [s for s in complete if s > self.load_step]
+            if newer:
+                logger.warning(
+                    "resuming from step %d although newer checkpoints exist (%s); they belong to the earlier "
+                    "run and are removed when this run saves its first checkpoint",
+                    self.load_step,
+                    ", ".join(map(str, newer)),
+                )
+            return self.load_step
+        for step in reversed(complete):
+            if step == 0 or not is_model_only(os.path.join(self.folder, f"step-{step}")):
+                return step
+            logger.warning("step-%d holds model weights only (a final export); resuming from an earlier one", step)
+        return None
+
+    def _check_fits_model(self, step: int) -> None:
+        """Keys and shapes of ``step`` against the model: a ConfigError naming the first mismatch."""
+        path = os.path.join(self.folder, f"step-{step}")
+        fix = (
+            "it was written for another model config; resume with the --model.config (and --model.norm_type) "
+            "the run was trained with, or start in a fresh --job.dump_folder"
+        )
+        stored = tensor_metadata(path)
+        for part in self.model_parts:
+            match_keys(part, stored, path, fix, allow_extra=self.pipelined)
+
+    def load(self) -> bool:
+        """Restore the run's state, or set initial weights; False when training starts from scratch.
+
+        With checkpointing on: ``load_step`` (-1: the newest complete, resumable checkpoint). A
+        model-only ``step-0`` (a seed checkpoint, or ``convert_hf_to_dcp`` output) gives the initial
+        weights and training starts at step 1. With no checkpoint at all, ``initial_load_hf`` (if set)
+        gives the initial weights.
         """
-        if not self.enabled:
-            return False
-        return self.manager.load(step=self.load_step)
+        step = _on_rank0(self._step_to_load) if self.enabled else None
+        if step is not None:
+            self._check_fits_model(step)
+            self.manager.load(step=step)
+            self.loaded_from = "initial weights from step-0" if step == 0 else f"resumed at step {step}"
+            return True
+        if self.initial_load_hf:
+            from flame.components.hf_init import load_hf_weights
+
+            for part in self.model_parts:
+                load_hf_weights(part, self.initial_load_hf, stage_only=self.pipelined)
+            self.loaded_from = f"initial weights from Hugging Face folder {self.initial_load_hf}"
+            return True
+        return False
+
+    # ---- saving ----------------------------------------------------------------------------------
 
     def should_save(self, step: int) -> bool:
         if not self.enabled:
@@ -112,19 +228,59 @@ class Checkpointer:
             return step % self.interval == 0
         # Seconds: rank 0's clock decides for everyone, so all ranks enter the collective save.
         due = torch.tensor(
-            [time.monotonic() - self._last_save_time >= self.interval], dtype=torch.int32, device=self.device
+            [self.clock() - self._last_save_time >= self.interval], dtype=torch.int32, device=self.device
         )
         dist.broadcast(due, src=0)
         return bool(due.item())
 
     def save(self, step: int, last_step: bool = False) -> None:
-        """Save now (call when ``should_save`` said so, or at the last step)."""
-        if self.enabled:
-            self.manager.save(step, last_step=last_step)
-            self._last_save_time = time.monotonic()
+        """Save now (call when ``should_save`` said so, or at the last step), then apply ``keep_latest_k``.
+
+        In async mode the previous save is finished first; the last step is always saved synchronously.
+        """
+        if not self.enabled:
+            return
+        self.manager.maybe_wait_for_saving()
+        if dist.get_rank() == 0:
+            self._remove_from(step)
+        dist.barrier()
+        self.manager.save(step, last_step=last_step)
+        self._purge()
+        self._last_save_time = self.clock()
+
+    def _remove_from(self, step: int) -> None:
+        """Remove every step folder at or after ``step`` before ``step`` is written.
+
+        Saves happen in increasing step order, so such folders are never this run's: a folder left by
+        an interrupted save (its stale files must not mix with the new save's), or checkpoints of an
+        earlier run that this one abandoned by resuming an older ``load_step`` (left in place, they would
+        make a later automatic resume jump back into that other run).
+        """
+        later = sorted(s for s in available_steps(self.folder) + incomplete_steps(self.folder) if s >= step)
+        for old in later:
+            shutil.rmtree(os.path.join(self.folder, f"step-{old}"), ignore_errors=True)
+        if later:
+            logger.info("removed step folders %s (an interrupted save, or an earlier run's) before saving", later)
+
+    def _purge(self) -> None:
+        """Keep the newest ``keep_latest_k`` complete checkpoints; drop older ones and interrupted leftovers.
+
+        Only complete folders count. An incomplete folder newer than every complete one may be an async
+        save in flight and is left alone; older incomplete folders are leftovers of an interrupted save.
+        """
+        if self.keep_latest_k <= 0 or dist.get_rank() != 0:
+            return
+        complete = available_steps(self.folder)
+        doomed = complete[: -self.keep_latest_k]
+        if complete:
+            doomed += [s for s in incomplete_steps(self.folder) if s < complete[-1]]
+        for step in doomed:
+            shutil.rmtree(os.path.join(self.folder, f"step-{step}"), ignore_errors=True)
+        if doomed:
+            logger.info("checkpoints removed (keep_latest_k %d): %s", self.keep_latest_k, doomed)
 
     def save_seed(self) -> str:
-        """Write the freshly initialised weights as a model-only ``step-0`` that any layout trains from."""
+        """Write the initial weights as a model-only ``step-0`` that any layout trains from."""
         import torch.distributed.checkpoint as dcp
 
         path = os.path.join(self.manager.folder, "step-0")
@@ -133,5 +289,8 @@ class Checkpointer:
         return path
 
     def close(self) -> None:
-        self.manager.maybe_wait_for_saving()
+        """Finish a save in flight, apply retention to it, release torchtitan's threads."""
+        if self.enabled:
+            self.manager.maybe_wait_for_saving()
+            self._purge()
         self.manager.close()

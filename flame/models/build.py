@@ -52,10 +52,40 @@ def import_custom_models(path: str) -> None:
         ) from e
 
 
+def _declared_model_type(path: str) -> str:
+    """The ``model_type`` a config file declares ("" if it cannot be read; AutoConfig then says why)."""
+    import json
+
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        with open(file) as f:
+            value = json.load(f).get("model_type", "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return value if isinstance(value, str) else ""
+
+
+def import_family(model_type: str) -> None:
+    """Import the module that registers ``model_type``'s classes (e.g. ``fla``), if its adapter names one."""
+    from flame.models.adapters import adapter_for
+
+    module = adapter_for(model_type).registered_by
+    if not module:
+        return
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(
+            f"--model.config: model type {model_type!r} is provided by the {module!r} package, which cannot be "
+            f"imported here ({e}); install it (flash-linear-attention for fla) or choose another model type"
+        ) from e
+
+
 def load_model_config(path: str, tokenizer=None, norm_type: str = ""):
     """Read a model config with ``AutoConfig`` and reconcile it with the tokenizer.
 
-    ``path`` is a JSON file or a folder with ``config.json``. ``norm_type`` overrides the config's
+    ``path`` is a JSON file or a folder with ``config.json``. Families registered by another package
+    (fla's GLA, Mamba, ...) have that package imported first, as their adapter says. ``norm_type`` overrides the config's
     ``norm_type`` for families that have one (an error for the others). The vocabulary is set to the
     tokenizer's size (so the embedding covers every token id), special token ids are copied from
     the tokenizer, and the KV cache is turned off (training never uses it, and it breaks
@@ -67,6 +97,7 @@ def load_model_config(path: str, tokenizer=None, norm_type: str = ""):
         raise ConfigError("--model.config is required: a JSON config file or a folder with config.json.")
     if not os.path.exists(path):
         raise ConfigError(f"--model.config: {path!r} does not exist (a JSON file or a folder with config.json).")
+    import_family(_declared_model_type(path))
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
@@ -92,15 +123,36 @@ def load_model_config(path: str, tokenizer=None, norm_type: str = ""):
     return config
 
 
-def build_meta_model(config) -> nn.Module:
-    """The model class ``AutoModelForCausalLM`` maps the config to, built on the meta device (no memory)."""
+def build_meta_model(config, for_device: str | None = "auto") -> nn.Module:
+    """The model class ``AutoModelForCausalLM`` maps the config to, built on the meta device (no memory).
+
+    ``for_device`` is the device type the model will run on ("auto": CUDA if visible, else CPU); a family
+    whose kernels do not run there (fla's Triton kernels on a CPU-only machine) is a ``ConfigError`` now
+    rather than a kernel crash at the first step. ``None`` skips the check (conversion runs no kernels).
+    """
     from transformers import AutoModelForCausalLM
 
+    from flame.models.adapters import adapter_for
+
+    if for_device == "auto":
+        for_device = "cuda" if torch.cuda.is_available() else "cpu"
+    supported = adapter_for(config.model_type).device_types
+    if for_device is not None and for_device not in supported:
+        raise ConfigError(
+            f"--model.config: model family {config.model_type!r} trains on {'/'.join(supported)} only (its "
+            f"kernels), not on {for_device}; train it on a machine with a GPU (converting its checkpoints works "
+            "anywhere)"
+        )
     with torch.device("meta"):
         try:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         except ValueError as e:
             raise ConfigError(f"--model.config: no causal-LM class for model_type {config.model_type!r}: {e}") from e
+        except ImportError as e:  # e.g. fla's attention layers need the flash-attn package
+            first = str(e).strip().splitlines()[0]
+            raise ConfigError(
+                f"--model.config: model family {config.model_type!r} needs a missing package: {first}"
+            ) from e
     return model
 
 
@@ -129,6 +181,23 @@ def _init_units(reference: nn.Module, layer_names: set[str]) -> Iterator[tuple[s
             yield name, unit
 
 
+def retie_embeddings(model: nn.Module) -> None:
+    """Tie the output head to the input embedding again where the config ties them.
+
+    ``to_empty`` gives each name of a plain module's shared Parameter its own tensor, so a tied model
+    materialised in one process would silently train two matrices (under FSDP2 the tie survives,
+    and the two layouts would differ). Pipeline stages hold at most one of the two and are skipped.
+    """
+    config = getattr(model, "config", None)
+    tie = getattr(model, "tie_weights", None)
+    if not (callable(tie) and getattr(config, "tie_word_embeddings", False)):
+        return
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    embed = getattr(model, "get_input_embeddings", lambda: None)()
+    if head is not None and embed is not None and head.weight is not embed.weight:
+        tie()
+
+
 @torch.no_grad()
 def init_weights(
     model: nn.Module, reference: nn.Module, layer_names: set[str], seed: int, device: torch.device
@@ -143,6 +212,7 @@ def init_weights(
     """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    retie_embeddings(model)
     targets: dict[str, torch.Tensor] = {}
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         targets[canonical_name(name)] = tensor

@@ -1,4 +1,8 @@
-"""Shared pieces of the checkpoint conversion CLIs: DCP folders, dtypes, and error reporting."""
+"""Shared pieces of checkpoint reading: DCP step folders, key/shape matching, dtypes, CLI error reporting.
+
+Used by the conversion CLIs and by the trainer's checkpointer, so that "which steps are complete", "does
+this checkpoint fit this model" and the messages saying why not are decided in one place.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -17,16 +22,41 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
-def available_steps(checkpoint_root: str) -> list[int]:
-    """Steps under ``checkpoint_root`` whose DCP folder is complete (``.metadata`` is written last)."""
+def _step_folders(checkpoint_root: str) -> dict[int, bool]:
+    """Every ``step-N`` folder under ``checkpoint_root``: step -> whether it is complete."""
     if not os.path.isdir(checkpoint_root):
-        return []
-    steps = []
+        return {}
+    found = {}
     for name in os.listdir(checkpoint_root):
         match = _STEP_DIR.fullmatch(name)
-        if match and os.path.isfile(os.path.join(checkpoint_root, name, ".metadata")):
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+        if match and os.path.isdir(os.path.join(checkpoint_root, name)):
+            found[int(match.group(1))] = os.path.isfile(os.path.join(checkpoint_root, name, ".metadata"))
+    return found
+
+
+def available_steps(checkpoint_root: str) -> list[int]:
+    """Steps under ``checkpoint_root`` whose DCP folder is complete.
+
+    DCP writes every rank's data files first and the ``.metadata`` file last (to a temporary name,
+    then renamed), so a folder without ``.metadata`` is a save that was interrupted.
+    """
+    return sorted(step for step, complete in _step_folders(checkpoint_root).items() if complete)
+
+
+def incomplete_steps(checkpoint_root: str) -> list[int]:
+    """Steps whose folder exists but holds no ``.metadata``: saves that were interrupted (or are in flight)."""
+    return sorted(step for step, complete in _step_folders(checkpoint_root).items() if not complete)
+
+
+def is_model_only(checkpoint: str) -> bool:
+    """Whether a complete DCP folder holds model weights only (a seed/converted step-0 or a final export).
+
+    A resumable checkpoint also holds ``train_state`` (the step, counters and RNG states).
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    return not any(key == "train_state" or key.startswith("train_state.") for key in keys)
 
 
 def step_folder(dump_folder: str, step: int) -> tuple[str, int]:
@@ -57,6 +87,47 @@ def tensor_metadata(checkpoint: str) -> dict[str, tuple[torch.Size, torch.dtype]
         for key, item in metadata.state_dict_metadata.items()
         if isinstance(item, TensorStorageMetadata)
     }
+
+
+def match_keys(
+    model: Any, stored: dict[str, tuple[torch.Size, torch.dtype]], source: str, fix: str, allow_extra: bool = False
+) -> dict[str, str]:
+    """Map each of ``model``'s state-dict keys to its key in a checkpoint, checking that shapes agree.
+
+    ``stored`` is the checkpoint's key -> (shape, dtype) (``tensor_metadata``). Tied tensors (e.g.
+    ``lm_head.weight`` and the embedding) need only one of their keys stored; stored keys may carry
+    activation-checkpoint/compile wrapper prefixes. Shapes of sharded (DTensor) parameters are their
+    global shapes. Raises ``ConfigError`` naming the first differing key (and both shapes), missing
+    or extra weights; ``fix`` is the sentence that tells the user what to do. ``allow_extra``: ``model`` is
+    one pipeline stage, so the checkpoint's weights of other stages are expected.
+    """
+    from flame.models.build import canonical_name
+
+    by_name = {canonical_name(key): key for key in stored}
+    # keep_vars: tied entries are the same Parameter object, which is how ties are recognised.
+    expected = {canonical_name(k): v for k, v in model.state_dict(keep_vars=True).items()}
+    found: dict[str, str] = {}
+    for key, tensor in expected.items():
+        if key in by_name:
+            shape = tuple(stored[by_name[key]][0])
+            if shape != tuple(tensor.shape):
+                raise ConfigError(
+                    f"{source}: {key} has shape {list(shape)} there but {list(tensor.shape)} in the model; {fix}"
+                )
+            found[key] = by_name[key]
+    if not found:
+        sample = ", ".join(sorted(stored)[:5])
+        raise ConfigError(f"{source} holds none of the model's weights (it holds: {sample}); {fix}")
+    loaded_ids = {id(expected[key]) for key in found}
+    missing = [key for key, tensor in expected.items() if key not in found and id(tensor) not in loaded_ids]
+    roots = tuple(f"{name}." for name, _ in model.named_children())
+    extra = [] if allow_extra else sorted(n for n in by_name if n.startswith(roots) and n not in expected)
+    if missing or extra:
+        problem = (
+            f"lacks {missing[:3]} ({len(missing)} missing)" if missing else f"has {extra[:3]} ({len(extra)} extra)"
+        )
+        raise ConfigError(f"{source} {problem} compared with the model; {fix}")
+    return found
 
 
 def loading_error(flag: str, value: str, loader: str, error: Exception) -> ConfigError:

@@ -1,7 +1,8 @@
 """Convert a training checkpoint (DCP, any sharding) into a Hugging Face model folder.
 
     python -m flame.utils.convert_dcp_to_hf --path <dump_folder> --step <step> \\
-        --config <model config> --tokenizer <tokenizer> [--output <folder>] [--dtype bfloat16]
+        --config <model config> --tokenizer <tokenizer> [--output <folder>] [--dtype bfloat16] \\
+        [--norm_type <as in training; default: from <path>/config.toml>] [--custom_model_path <module>]
 
 The model is rebuilt from ``--config`` exactly as training built it (vocabulary matched to the tokenizer),
 its weights are read from ``<dump_folder>/checkpoint/step-<step>`` (optimizer and other training state are
@@ -18,11 +19,12 @@ import torch
 from torch import nn
 
 from flame.config.errors import ConfigError
-from flame.models.build import build_meta_model, canonical_name, import_custom_models, load_model_config
+from flame.models.build import build_meta_model, import_custom_models, load_model_config
 from flame.utils._checkpoint_io import (
     DTYPES,
     flag_names,
     loading_error,
+    match_keys,
     run_cli,
     single_process_dcp,
     step_folder,
@@ -41,38 +43,16 @@ def _load_tokenizer(tokenizer: str):
         raise loading_error("--tokenizer", tokenizer, "AutoTokenizer", e) from e
 
 
-def _match_keys(model: nn.Module, stored: dict, checkpoint: str, config: str) -> dict[str, str]:
-    """Map each model state-dict key to its key in the checkpoint, checking that shapes agree.
+def _run_norm_type(dump_folder: str) -> str:
+    """The ``--model.norm_type`` recorded in a run's ``config.toml`` ("" if none, or no readable file)."""
+    import tomllib
 
-    Tied tensors (e.g. ``lm_head.weight`` and the embedding) need only one of their keys stored. Stored keys
-    may carry activation-checkpoint/compile wrapper prefixes.
-    """
-    by_name = {canonical_name(key): key for key in stored}
-    expected = model.state_dict(keep_vars=True)  # keep_vars: tied entries are the same Parameter object
-    found: dict[str, str] = {}
-    for key, tensor in expected.items():
-        if key in by_name:
-            shape = tuple(stored[by_name[key]][0])
-            if shape != tuple(tensor.shape):
-                raise ConfigError(
-                    f"{checkpoint}: {key} has shape {list(shape)} in the checkpoint but {list(tensor.shape)} "
-                    f"with --config {config}; convert with the model config the run was trained with."
-                )
-            found[key] = by_name[key]
-    if not found:
-        sample = ", ".join(sorted(stored)[:5])
-        raise ConfigError(f"{checkpoint} holds no weights of the model built from {config} (it holds: {sample}).")
-    loaded_ids = {id(expected[key]) for key in found}
-    missing = [key for key, tensor in expected.items() if key not in found and id(tensor) not in loaded_ids]
-    roots = tuple(f"{name}." for name, _ in model.named_children())
-    extra = sorted(name for name in by_name if name.startswith(roots) and name not in expected)
-    if missing or extra:
-        problem = f"lacks {missing[:3]} ({len(missing)} missing)" if missing else f"has {extra[:3]} ({len(extra)})"
-        raise ConfigError(
-            f"{checkpoint} {problem} compared with the model built from --config {config}; "
-            "convert with the model config the run was trained with."
-        )
-    return found
+    try:
+        with open(os.path.join(dump_folder, "config.toml"), "rb") as f:
+            value = tomllib.load(f).get("model", {}).get("norm_type", "")
+    except (OSError, tomllib.TOMLDecodeError):
+        return ""
+    return value if isinstance(value, str) else ""
 
 
 def _load_weights(model: nn.Module, keys: dict[str, str], checkpoint: str) -> None:
@@ -110,10 +90,13 @@ def convert_dcp_to_hf(
     output: str | None = None,
     dtype: str | None = None,
     custom_model_path: str | None = None,
+    norm_type: str | None = None,
 ) -> str:
     """Write the model weights of ``<path>/checkpoint/step-<step>`` as a Hugging Face folder; returns the folder.
 
-    ``step=-1`` takes the latest complete step. ``output`` defaults to ``path`` (the dump folder; other files
+    ``step=-1`` takes the latest complete step. ``norm_type`` is the ``--model.norm_type`` the run was
+    trained with (it changes the model's modules, so the config alone does not rebuild it); ``None``
+    reads it from the run's ``<path>/config.toml``, where the trainer records it. ``output`` defaults to ``path`` (the dump folder; other files
     there are kept). ``dtype`` (float32, bfloat16, float16) defaults to the dtype stored in the checkpoint.
     Raises ``ConfigError`` on bad input (missing folders, a config that does not match the checkpoint).
     """
@@ -129,12 +112,24 @@ def convert_dcp_to_hf(
     ):
         raise ConfigError(f"--output {output!r} is (inside) a checkpoint folder; choose another folder.")
     tok = _load_tokenizer(tokenizer)
-    with flag_names({"--model.config": "--config", "--experimental.custom_model_path": "--custom_model_path"}):
+    if norm_type is None:
+        norm_type = _run_norm_type(path)
+        if norm_type:
+            print(f"norm_type {norm_type!r}, as in {os.path.join(path, 'config.toml')}")
+    renames = {
+        "--model.config": "--config",
+        "--experimental.custom_model_path": "--custom_model_path",
+        "--model.norm_type": "--norm_type",
+    }
+    with flag_names(renames):
         if custom_model_path:
             import_custom_models(custom_model_path)
-        model: Any = build_meta_model(load_model_config(config, tok))  # a transformers PreTrainedModel
+        # for_device=None: converting needs no kernels, so families that train on GPUs only convert anywhere.
+        model: Any = build_meta_model(load_model_config(config, tok, norm_type), for_device=None)
     stored = tensor_metadata(checkpoint)
-    keys = _match_keys(model, stored, checkpoint, config)
+    fix = f"convert with the model config the run was trained with (--config {config}"
+    fix += f", --norm_type {norm_type})." if norm_type else ", and --norm_type if training set --model.norm_type)."
+    keys = match_keys(model, stored, checkpoint, fix)
     weights = [stored[k] for k in keys.values() if stored[k][1].is_floating_point]
     stored_dtype = max((d for _, d in weights), key=lambda d: sum(s.numel() for s, t in weights if t == d))
     model.to(dtype=stored_dtype).to_empty(device="cpu")
@@ -168,9 +163,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default=None, help="output folder (default: the dump folder, --path)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="weight dtype (default: as stored)")
     parser.add_argument("--custom_model_path", default=None, help="module/folder that registers custom models")
+    parser.add_argument(
+        "--norm_type",
+        default=None,
+        help="the --model.norm_type used in training (default: as recorded in <path>/config.toml; '' for none)",
+    )
     args = parser.parse_args(argv)
     convert_dcp_to_hf(
-        args.path, args.step, args.config, args.tokenizer, args.output, args.dtype, args.custom_model_path
+        args.path,
+        args.step,
+        args.config,
+        args.tokenizer,
+        args.output,
+        args.dtype,
+        args.custom_model_path,
+        args.norm_type,
     )
 
 

@@ -73,3 +73,61 @@ def tied_config(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def untied_config(tmp_path_factory) -> str:
     return write_llama_config(tmp_path_factory.mktemp("untied_config"), tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def hf_start(tmp_path_factory, byte_tokenizer) -> str:
+    """A Hugging Face folder holding an untied tiny Llama (vocabulary = the byte tokenizer's): the runs' start."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flame.models.build import load_model_config
+
+    root = tmp_path_factory.mktemp("hf_start")
+    config = load_model_config(write_llama_config(root / "config"), AutoTokenizer.from_pretrained(byte_tokenizer))
+    config.tie_word_embeddings = False
+    torch.manual_seed(11)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
+    return str(root / "model")
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory, hf_start, byte_tokenizer, fixed_docs) -> dict[str, dict]:
+    """The real trainer, started from ``hf_start``: 2 FSDP ranks under torchrun, and one process.
+
+    Each run trains 4 steps, saves ``checkpoint/step-2`` and ``step-4``, and the trained model's logits on
+    fixed ids.
+    """
+    import torch
+
+    from tests.conftest import SEQ_LEN
+    from tests.helpers import torchrun
+    from tests.utils.train_and_dump import main as train_and_dump
+
+    root = tmp_path_factory.mktemp("trained")
+    ids = root / "ids.pt"
+    torch.save(torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(3)), ids)
+    runs = {}
+    for layout, ranks in (("fsdp", 2), ("single", 1)):
+        batch_size = 4 // ranks  # the same global batch of 4 rows
+        dump = root / layout
+        flags = {
+            "job.dump_folder": dump, "model.config": hf_start, "model.tokenizer_path": byte_tokenizer,
+            "checkpoint.initial_load_hf": hf_start, "checkpoint.enable_checkpoint": "true", "checkpoint.interval": 2,
+            "training.dataset": "json", "training.data_files": fixed_docs, "training.seq_len": SEQ_LEN,
+            "training.batch_size": batch_size, "training.steps": 4, "training.mixed_precision_param": "float32",
+            "lr_scheduler.warmup_steps": 1, "optimizer.lr": "3e-3", "metrics.log_freq": 1,
+        }  # fmt: skip
+        args = [item for key, value in flags.items() for item in (f"--{key}", str(value))]
+        out = root / f"{layout}_logits.pt"
+        if layout == "fsdp":
+            proc = torchrun(2, [str(ids), str(out), *args], module="tests.utils.train_and_dump")
+        else:
+            train_and_dump(str(ids), str(out), args)
+        runs[layout] = {
+            "dump": str(dump), "checkpoint": str(dump / "checkpoint" / "step-4"), "config": hf_start,
+            "tokenizer": byte_tokenizer, "reference": str(out), "ranks": ranks,
+        }  # fmt: skip
+        if layout == "fsdp":
+            runs[layout]["stdout"] = proc.stdout
+    return runs

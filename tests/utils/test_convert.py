@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -96,12 +95,6 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tied_config, tokenizer_dir):
     """A dump folder with trainer checkpoints at steps 1 and 3 (tied embeddings), an incomplete step 9, run files."""
@@ -120,20 +113,9 @@ def run(tmp_path_factory, tied_config, tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory, untied_config, tokenizer_dir):
-    """A checkpoint written by 2 ranks of an FSDP2-sharded (untied) model under torchrun."""
-    root = tmp_path_factory.mktemp("sharded")
-    model = build_model(untied_config, tokenizer_dir, seed=5)
-    model.config.save_pretrained(root / "model_config")
-    torch.save(model.state_dict(), root / "weights.pt")
-    checkpoint = root / "dump" / "checkpoint" / "step-5"
-    script = [os.path.join(HERE, "fsdp_save_checkpoint.py"), str(root / "model_config"), str(root / "weights.pt")]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1"]
-    launch += ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
-    proc = subprocess.run([*launch, *script, str(checkpoint)], capture_output=True, text=True, env=ENV, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reference = save_reference(model, str(root / "reference.pt"))
-    return {"dump": str(root / "dump"), "checkpoint": str(checkpoint), "config": untied_config, "reference": reference}
+def sharded(trained_runs):
+    """A checkpoint written by the real trainer on 2 FSDP2 ranks under torchrun (untied embeddings)."""
+    return trained_runs["fsdp"]
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +132,7 @@ def converted(run, sharded, tmp_path_factory, tokenizer_dir):
         "cli": run["dump"],
         "latest": convert_dcp_to_hf(run["dump"], -1, run["config"], tokenizer_dir, output=str(out / "latest")),
         "bf16": convert_dcp_to_hf(run["dump"], 3, run["config"], tokenizer_dir, str(out / "bf16"), "bfloat16"),
-        "sharded": convert_dcp_to_hf(sharded["dump"], 5, sharded["config"], tokenizer_dir, str(out / "sharded")),
+        "sharded": convert_dcp_to_hf(sharded["dump"], 4, sharded["config"], sharded["tokenizer"], str(out / "sharded")),
     }
     specs = {name: {"folder": folder, "reference": run["reference"]} for name, folder in folders.items()}
     specs["sharded"]["reference"] = sharded["reference"]
@@ -206,6 +188,7 @@ def test_sharded_checkpoint_converts_in_one_process(converted, sharded):
     metadata = dcp.FileSystemReader(sharded["checkpoint"]).read_metadata().state_dict_metadata
     assert len(metadata["model.layers.0.mlp.up_proj.weight"].chunks) == 2, "checkpoint must be sharded by 2 ranks"
     assert set(os.listdir(sharded["checkpoint"])) >= {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    assert "dp_shard 2" in sharded["stdout"]
     result = converted["results"]["sharded"]
     assert result["max_diff"] <= FP32_TOL, result
     assert not result["tied"] and result["new_tokens"] == 4
@@ -270,9 +253,10 @@ def test_config_with_fewer_layers_is_refused(run, tmp_path, llama_config):
         convert_dcp_to_hf(run["dump"], 3, fewer, run["tokenizer"], output=str(tmp_path / "out"))
 
 
-def test_untied_checkpoint_with_tied_config_is_refused(sharded, tied_config, tokenizer_dir, tmp_path):
+def test_untied_checkpoint_with_tied_config_is_refused(sharded, llama_config, tmp_path):
+    tied = llama_config(tmp_path / "tied", tie_word_embeddings=True)
     with pytest.raises(ConfigError, match=r"lm_head\.weight and model\.embed_tokens\.weight differ"):
-        convert_dcp_to_hf(sharded["dump"], 5, tied_config, tokenizer_dir, output=str(tmp_path / "out"))
+        convert_dcp_to_hf(sharded["dump"], 4, tied, sharded["tokenizer"], output=str(tmp_path / "out"))
 
 
 def test_bad_inputs_are_config_errors(run, tmp_path):

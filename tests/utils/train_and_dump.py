@@ -1,0 +1,38 @@
+"""Train with flame's Trainer, then save the trained model's logits on fixed token ids (rank 0).
+
+    torchrun --nproc_per_node=2 -m tests.utils.train_and_dump <ids.pt> <out.pt> <train flags...>
+
+Under torchrun the model is FSDP2-sharded; every rank runs the same forward pass on the same ids, so
+the logits are exactly those of the model that wrote the last checkpoint. The output holds
+``{"ids": ..., "logits": ...}`` (float32), the reference the exported Hugging Face model must match.
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def main(ids_path: str, out_path: str, args: list[str]) -> None:
+    from flame.config.loader import parse_args
+    from flame.trainer import Trainer
+
+    if dist.is_torchelastic_launched():  # its own process: the start-up line on stdout, as `flame.train` prints it
+        from flame.train import setup_logging  # (imported only here: it shadows the API flame.train in-process)
+
+        setup_logging()
+    trainer = Trainer(parse_args(args))
+    try:
+        trainer.train()
+        ids = torch.load(ids_path)
+        trainer.model.eval()
+        with torch.no_grad():
+            logits = trainer.model(input_ids=ids.to(trainer.device)).logits.float().cpu()
+        if dist.get_rank() == 0:
+            torch.save({"ids": ids, "logits": logits}, out_path)
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
