@@ -4,9 +4,25 @@
 # Environment: NGPU (processes per node; default: visible GPUs, else 1), NNODE (nodes, default 1),
 # NODE_RANK (this node's index, default 0), LOG_RANK (ranks shown on the console, default 0; e.g. 0,1),
 # MASTER_ADDR / MASTER_PORT (rendezvous endpoint; default localhost and a free port on one node),
-# MAX_RESTARTS (torchrun restarts after a failure, default 0), PYTHON (interpreter, default: the
-# .venv next to this script if present, else python3). Every argument goes to `python -m flame.train`.
-# When training ends and checkpoints are on, the last checkpoint is converted to a Hugging Face folder.
+# MAX_RESTARTS (torchrun restarts of all workers after one fails; each restart resumes from the latest
+# checkpoint; default 0), SHUTDOWN_TIMEOUT (seconds the workers get to finish the step and save after
+# SIGTERM/SIGUSR1 before torchrun kills them, default 120), RDZV_ID (rendezvous id, default flame),
+# PYTHON (interpreter, default: the .venv next to this script if present, else python3).
+# Every argument goes to `python -m flame.train`. When training ends and checkpoints are on, the last
+# checkpoint is converted to a Hugging Face folder.
+#
+# Exit codes: 0 done; 2 bad input; 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (run the
+# same command again to resume; scripts/slurm/train.sbatch requeues the job); else the failure's code.
+#
+# Signals. Each worker (flame/components/fault.py) turns SIGTERM/SIGUSR1 into "finish this step, agree
+# with the other ranks, save, exit 0, leave <dump_folder>/preempted.json". torchrun's agent by default
+# handles SIGTERM (and INT/HUP/QUIT) by sending it to its workers and killing them after a grace period,
+# and does not handle SIGUSR1 at all (its default action would kill the agent and orphan the workers).
+# So torchrun runs with --signals_to_handle including SIGUSR1 (the agent forwards both to its workers)
+# and --shutdown_timeout SHUTDOWN_TIMEOUT (the grace period); flame.distributed.torchrun is torchrun
+# minus the traceback it prints after such a stop. This script traps the signals as well:
+# it forwards them to torchrun and stays alive to report the outcome; inside a Slurm step (srun) it
+# does not forward, because Slurm signals every process of the step itself (agent and workers).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if [ -z "${PYTHON:-}" ]; then
@@ -30,6 +46,10 @@ NODE_RANK="${NODE_RANK:-0}"
 LOG_RANK="${LOG_RANK:-0}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
 MASTER_ADDR="${MASTER_ADDR:-localhost}"
+# A dry run is one CPU process standing in for all NNODE x NGPU ranks (fake process group).
+if [ "$FLAME_DRY_RUN" = 1 ]; then
+  FLAME_DRY_RUN_WORLD_SIZE=$(( NNODE * NGPU )) exec "$PYTHON" -m flame.dry_run "$@"
+fi
 if [ -z "${MASTER_PORT:-}" ]; then
   if [ "$NNODE" -gt 1 ]; then MASTER_PORT=29500; else
     MASTER_PORT="$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')"
@@ -43,16 +63,37 @@ fi
 
 logs="$FLAME_DUMP_FOLDER/logs"
 mkdir -p "$logs"
+preempted="$FLAME_DUMP_FOLDER/preempted.json"  # written by rank 0 after a preemption checkpoint
+rm -f "$preempted"
 echo "flame: $NNODE node(s) x $NGPU process(es), rendezvous $MASTER_ADDR:$MASTER_PORT, logs in $logs"
 set +e
-LOG_RANK=all "$PYTHON" -m torch.distributed.run \
+# Workers see LOG_RANK=all (every rank logs to its file); the console filter uses the caller's LOG_RANK.
+# shellcheck disable=SC2097,SC2098
+LOG_RANK=all "$PYTHON" -m flame.distributed.torchrun \
   --nnodes="$NNODE" --nproc_per_node="$NGPU" --node_rank="$NODE_RANK" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${RDZV_ID:-flame}" \
   --max_restarts="$MAX_RESTARTS" \
+  --signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown_timeout="${SHUTDOWN_TIMEOUT:-120}" \
   --log_dir="$logs" --redirects=3 --tee=3 --local_ranks_filter="$LOG_RANK" \
-  -m flame.train "$@"
+  -m flame.train "$@" &
+launcher=$!
+forward() { [ -n "${SLURM_STEP_ID:-}" ] || kill -s "$1" "$launcher" 2>/dev/null || true; }
+# shellcheck disable=SC2064  # $sig is meant to expand now, once per trap
+for sig in TERM USR1 INT HUP; do trap "forward $sig" "$sig"; done
+wait "$launcher"
 status=$?
+# A trapped signal interrupts `wait` while torchrun still runs: wait again until it has exited.
+while kill -0 "$launcher" 2>/dev/null; do
+  wait "$launcher"
+  status=$?
+done
+trap - TERM USR1 INT HUP
 set -e
+if [ -f "$preempted" ]; then
+  echo "flame: stopped by a preemption signal after saving a checkpoint: $(cat "$preempted")"
+  echo "flame: run the same command again to resume (exit code 75)"
+  exit 75
+fi
 [ "$status" -eq 0 ] || exit "$status"
 
 # Export the last checkpoint as a Hugging Face model (once, on the first node).

@@ -35,21 +35,55 @@ def init_distributed(timeout_seconds: int, trace_buf_size: int = 0) -> bool:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(seconds=timeout_seconds)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend=backend, timeout=timeout)
+        store = _attempt_store(timeout)
+        if store is not None:
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
     else:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return True
 
 
-def set_collective_timeout(timeout_seconds: int) -> None:
-    """Change the default group's collective timeout (after the slow first step).
+def _attempt_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """torchrun's shared store, with a prefix per restart attempt (None when not under such an agent).
 
+    torchrun's agent hosts one TCPStore for the whole job and keeps it across ``--max-restarts``
+    restarts, so the keys of a failed attempt (for example the gloo address of a rank that was
+    killed) are still there: a restarted rank could read its dead peer's address and fail with
+    "Connection refused". Prefixing every key with the attempt number gives each attempt a clean
+    namespace for the default group and every group created from it.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"flame/attempt_{attempt}", store)
+
+
+def set_collective_timeout(timeout_seconds: int) -> None:
+    """Change the collective timeout of every process group of this rank (after the slow first step).
+
+    Every group, not only the default one: FSDP, TP and PP collectives run on the device mesh's
+    groups and flame's fault handler has its own, each created with the init timeout. A collective
+    that waits longer (a peer stalled or died) then fails with a timeout error instead of hanging.
     torchtitan's ``set_pg_timeouts`` fails on CPU and calls an API missing in torch 2.13, so this
     uses c10d's own setter.
     """
-    from torch.distributed.distributed_c10d import _get_default_group, _set_pg_timeout
+    from torch.distributed.distributed_c10d import _set_pg_timeout, _world
 
-    _set_pg_timeout(datetime.timedelta(seconds=timeout_seconds), _get_default_group())
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    for group, (backend, _store) in list(_world.pg_map.items()):
+        # Only real backends have a timeout (the fake backend of shape-only meshes has none).
+        if "gloo" in str(backend) or "nccl" in str(backend):
+            _set_pg_timeout(timeout, group)
 
 
 def world_size_from_env() -> int:
