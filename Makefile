@@ -27,8 +27,8 @@ test-slow: venv
 	$(PY) -m pytest -q -m slow
 
 check: venv
-	$(VENV)/bin/ruff check flame tests scripts
-	$(VENV)/bin/ruff format --check flame tests scripts
+	$(VENV)/bin/ruff check flame tests scripts custom_models benchmarks
+	$(VENV)/bin/ruff format --check flame tests scripts custom_models benchmarks
 	$(VENV)/bin/mypy
 
 clean:

@@ -1,7 +1,10 @@
 """``python -m flame.train``: parse the config, validate it, train, and exit with a clear code.
 
 Exit codes: 0 done, 2 bad input (one message naming the flag or file, no traceback, nothing
-written), 1 a failure during training.
+written), 1 a failure during training (one message where flame knows the cause: divergence, a failed
+checkpoint save, a collective timeout). A run stopped by SIGTERM/SIGUSR1 after saving its checkpoint
+also exits 0 (so torchrun does not restart it) and leaves ``<dump_folder>/preempted.json``; train.sh
+turns that into exit code 75.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import types
 import warnings
 
 from flame.config.errors import ConfigError
@@ -40,9 +44,10 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", message=".*get_last_lr.*")  # torchtitan's schedule reload
 
 
-def fail(message: str) -> int:
+def fail(message: str, code: int = 2) -> int:
+    """Print one error message (no traceback) and give the exit code: 2 bad input, 1 a runtime failure."""
     print(f"flame: error: {message}", file=sys.stderr)
-    return 2
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(tomli_w.dumps(to_dict(config)))
     setup_logging()
+    if config.job.dry_run:
+        from flame.dry_run import main as dry_run_main
+
+        return dry_run_main(argv)
+    from flame.components.fault import explain_runtime_error, install_signal_handlers
+
+    install_signal_handlers()  # early: a SIGTERM/SIGUSR1 during start-up then stops after the first step
     import torch
 
     from flame.config.validate import validate
@@ -67,12 +79,34 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(config)
     except ConfigError as e:
         return fail(("invalid config:\n" if len(e.problems) > 1 else "") + e.format())
+    except RuntimeError as e:  # e.g. the process group timed out waiting for another rank
+        message = explain_runtime_error(e, config)
+        if message is None:
+            raise
+        return fail(message, 1)
     try:
         trainer.train()
+    except RuntimeError as e:  # divergence, a failed save, a collective timeout (see fault.py)
+        message = explain_runtime_error(e, config)
+        if message is None:
+            raise
+        return fail(message, 1)
     finally:
         trainer.close()
     return 0
 
+
+class _CallableModule(types.ModuleType):
+    """``import flame.train`` (this CLI module) rebinds the attribute ``flame.train``, which is also the
+    public training function; making the module callable keeps ``flame.train(config)`` working either way."""
+
+    def __call__(self, config):
+        from flame.trainer import train
+
+        return train(config)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

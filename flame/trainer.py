@@ -23,6 +23,7 @@ from torch.distributed.tensor.parallel import loss_parallel as tp_loss_parallel
 
 import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
 from flame.components.checkpoint import Checkpointer, TrainState
+from flame.components.fault import FaultHandler
 from flame.components.metrics import MetricsLogger, device_name, memory_stats
 from flame.components.optimizer import build_lr_schedulers, build_optimizers
 from flame.components.profiling import MemorySnapshots, maybe_profile
@@ -31,11 +32,13 @@ from flame.config.errors import ConfigError
 from flame.config.loader import save_toml, to_dict
 from flame.config.schema import JobConfig
 from flame.config.validate import resolve_dp_shard, validate
+from flame.data.mixing import describe_sources
 from flame.distributed.setup import device_for_rank, init_distributed, set_collective_timeout
 from flame.models.adapters import adapter_for
 from flame.models.build import build_meta_model, import_custom_models, init_weights, load_model_config
 from flame.models.flops import flops_per_token, peak_tflops
 from flame.models.parallelize import parallelize
+from flame.models.pipeline import Pipeline
 
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.distributed.parallel_dims import ParallelDims
@@ -56,13 +59,30 @@ def load_tokenizer(path: str):
         raise ConfigError(f"--model.tokenizer_path {path!r} cannot be loaded by AutoTokenizer: {first}") from e
 
 
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy summed over the target tokens (``IGNORE_INDEX`` targets excluded), in float32."""
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
 class Trainer:
     """Builds the model, data, optimizer and components for ``config``, then trains with ``train()``."""
 
     def __init__(self, config: JobConfig) -> None:
         self.config = config
-        t = config.training
         self.owns_process_group = init_distributed(config.comm.init_timeout_seconds, config.comm.trace_buf_size)
+        try:
+            self._build(config)
+        except BaseException:
+            # A caller in a notebook keeps no half-built process group around after an error.
+            if self.owns_process_group and dist.is_initialized():
+                dist.destroy_process_group()
+            raise
+
+    def _build(self, config: JobConfig) -> None:
+        """Wire the components: validation, model (parallelised, initialised), data, optimizer, checkpoints."""
+        t = config.training
         self.device = device_for_rank()
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         validate(config, self.world_size, self.device.type)
@@ -92,21 +112,31 @@ class Trainer:
 
         # Model: meta build -> parallelise -> materialise -> layout-independent init.
         self.model = build_meta_model(model_config)
-        self.adapter = adapter_for(model_config.model_type)
+        self.adapter = adapter_for(model_config.model_type).with_model(self.model)  # knows the attention kind
         self.model_name = type(self.model).__name__
         reference = copy.deepcopy(self.model)
+        self.num_params = sum(p.numel() for p in reference.parameters())
         self.flops_per_token = flops_per_token(reference, model_config, t.seq_len)
         self.peak_tflops = peak_tflops(device_name(self.device), t.mixed_precision_param)
         layer_names = set(self.adapter.layer_names(self.model))
-        parallelize(self.model, self.adapter, self.parallel_dims, config)
-        self.model.to_empty(device=self.device)
-        init_weights(self.model, reference, layer_names, t.seed, self.device)
+        self.pipeline = (
+            Pipeline(self.model, self.adapter, self.parallel_dims, config, self.device)
+            if self.parallel_dims.pp_enabled
+            else None
+        )
+        self.model_parts = self.pipeline.model_parts if self.pipeline else [self.model]
+        for part in self.model_parts:
+            parallelize(part, self.adapter, self.parallel_dims, config)
+            part.to_empty(device=self.device)
+            init_weights(part, reference, layer_names, t.seed, self.device)
+            part.train()
+        self.model = self.model_parts[0]
         del reference
-        self.model.train()
-        self.num_params = sum(p.numel() for p in self.model.parameters())  # DTensor numel is the global one
         # Loss parallelism: the cross entropy runs on vocabulary-sharded logits (tensor parallel only).
-        loss_parallel = self.parallel_dims.tp_enabled and not t.disable_loss_parallel
+        loss_parallel = self.parallel_dims.tp_enabled and not t.disable_loss_parallel and self.pipeline is None
         self.loss_context = tp_loss_parallel if loss_parallel else contextlib.nullcontext
+        if self.pipeline is not None:
+            self.pipeline.build_schedule(token_loss_sum)
         self.autocast_dtype = (
             torch.bfloat16 if t.mixed_precision_param == "bfloat16" and not self.parallel_dims.dp_enabled else None
         )
@@ -128,20 +158,22 @@ class Trainer:
             else None
         )
         self.last_validation: dict[str, Any] | None = None
-        self.optimizers = build_optimizers(self.model, config)
+        self.optimizers = build_optimizers(self.model_parts, config)
         self.lr_schedulers = build_lr_schedulers(self.optimizers, config)
         self.state = TrainState()
         self.checkpointer = Checkpointer(
             config,
-            model=self.model,
+            model=self.model_parts,
             optimizers=self.optimizers,
             lr_schedulers=self.lr_schedulers,
             dataloader=self.dataloader,
             train_state=self.state,
             device=self.device,
         )
+        # Preemption signals, the divergence stop and save errors (flame/components/fault.py).
+        self.fault = FaultHandler(config, self.checkpointer, rank=self.rank, world_size=self.world_size)
         torch.manual_seed(t.seed + self.rank)  # dropout differs per rank; restored on resume
-        resumed = self.checkpointer.load()
+        self.checkpointer.load()  # resume, or initial weights from step-0 or a Hugging Face folder
         if self.rank == 0:
             os.makedirs(config.job.dump_folder, exist_ok=True)
             save_toml(config, os.path.join(config.job.dump_folder, "config.toml"))
@@ -154,27 +186,38 @@ class Trainer:
             self.parallel_dims.dp_replicate,
             self.parallel_dims.dp_shard,
             self.device,
-            ("initial weights from step-0" if self.state.step == 0 else f"resumed at step {self.state.step}")
-            if resumed
-            else "fresh start",
+            self.checkpointer.loaded_from,
         )
 
     # ---- the loop -------------------------------------------------------------------------------
 
     def forward_backward(self, batch: dict[str, torch.Tensor], num_global_tokens: torch.Tensor) -> torch.Tensor:
         """Sum of token losses of one micro-batch; backward of its share of the global mean."""
+        # Gradient reduction averages over data-parallel ranks; scale so the result is the mean over
+        # every target token of the global batch (not a mean of per-micro-batch means).
+        scale = self.dp_world_size / num_global_tokens
+        if self.pipeline is not None:
+            return self.pipeline.forward_backward(batch, scale)
+        with self.loss_context():
+            loss_sum = self._loss_sum(batch)
+            (loss_sum * scale).backward()
+        loss_sum = loss_sum.detach()
+        return loss_sum.full_tensor() if isinstance(loss_sum, DTensor) else loss_sum
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = self.adapter.model_inputs(batch, self.device)
         labels = batch["labels"].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            logits = self.model(**inputs).logits
+        return token_loss_sum(logits, labels)
+
+    @torch.no_grad()
+    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The summed token loss of one batch without gradients, under any layout (for validation)."""
+        if self.pipeline is not None:
+            return self.pipeline.loss_sum(batch)
         with self.loss_context():
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                logits = self.model(**inputs).logits
-            loss_sum = torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            # Gradient reduction averages over data-parallel ranks; scale so the result is the mean over
-            # every target token of the global batch (not a mean of per-micro-batch means).
-            (loss_sum * self.dp_world_size / num_global_tokens).backward()
-        loss_sum = loss_sum.detach()
+            loss_sum = self._loss_sum(batch)
         return loss_sum.full_tensor() if isinstance(loss_sum, DTensor) else loss_sum
 
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
@@ -185,9 +228,10 @@ class Trainer:
             dist.all_reduce(num_tokens, group=self.loss_mesh.get_group())
         loss_sum = sum(self.forward_backward(b, num_tokens) for b in batches)
         grad_norm = dist_utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.grad is not None],
+            [p for part in self.model_parts for p in part.parameters() if p.grad is not None],
             t.max_norm if t.max_norm > 0 else math.inf,
             foreach=True,
+            pp_mesh=self.parallel_dims.get_optional_mesh("pp"),
         )
         skipped = t.skip_nan_inf and not torch.isfinite(grad_norm).item()
         if skipped:
@@ -197,7 +241,13 @@ class Trainer:
             self.optimizers.step()
         self.lr_schedulers.step()
         self.optimizers.zero_grad()
-        return {"loss_sum": loss_sum, "num_tokens": num_tokens, "grad_norm": grad_norm, "local_tokens": local_tokens}
+        return {
+            "loss_sum": loss_sum,
+            "num_tokens": num_tokens,
+            "grad_norm": grad_norm,
+            "local_tokens": local_tokens,
+            "skipped": skipped,
+        }
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
@@ -238,23 +288,29 @@ class Trainer:
             if step == start_step + 1:
                 set_collective_timeout(self.config.comm.train_timeout_seconds)
             is_last = step == t.steps
+            # All ranks agree whether a stop signal arrived (anywhere) or the run diverged.
+            stop = self.fault.after_step(step, skipped=out["skipped"], is_last=is_last)
             extra = {}
             if self.validator is not None and self.validator.should_run(step, is_last):
-                extra = self.validator.validate(self.model, self.adapter.model_inputs, self.loss_context)
+                extra = self.validator.validate(self.model_parts, self.eval_loss_sum)
                 self.last_validation = extra
-            if step % m.log_freq == 0 or is_last or extra:
+            if step % m.log_freq == 0 or is_last or extra or stop:
                 last = self._log(step, lr, out, window, run_start, extra)
                 window = self._new_window(step)
             self.state.elapsed_seconds = time.perf_counter() - run_start
-            if is_last or self.checkpointer.should_save(step):
+            if is_last or stop or self.checkpointer.should_save(step):
                 self._flush_tokens(window)
-                self.checkpointer.save(step, last_step=is_last)
+                self.fault.save(step, last_step=is_last)  # checkpointer.save with a clear error on a full disk
+            if stop:
+                self.fault.stop(step)  # preempted: leaves the marker for the launcher; diverged: raises
+                break
             if profiler is not None:
                 profiler.step()
             self.memory_snapshots.step(step)
         if t.gc_freq > 0:
             gc.enable()
-        self._summary(last, start_tokens, time.perf_counter() - session_start)
+        if self.fault.reason is None:  # a preempted session is no finished run: no summary
+            self._summary(last, start_tokens, time.perf_counter() - session_start)
         return last
 
     def _new_window(self, step: int) -> dict[str, Any]:
@@ -300,7 +356,13 @@ class Trainer:
             "eta_seconds": seconds / num_steps * (self.config.training.steps - step),
             **extra,
         }
+        # Mixing: each source's realized documents/tokens/shares, summed over the data-parallel ranks.
+        batch_mesh = self.parallel_dims.get_optional_mesh("batch")
+        group = batch_mesh.get_group() if batch_mesh is not None else None
+        record.update(self.dataloader.source_metrics(group, self.device))
         self.metrics.log(record)
+        if self.rank == 0 and (mix := describe_sources(record)):
+            logger.info(mix)
         return record
 
     def _summary(self, last: dict[str, Any], start_tokens: int, seconds: float) -> None:
@@ -324,6 +386,7 @@ class Trainer:
         """Finish pending saves and close sinks; tear down the process group if we created it."""
         self.checkpointer.close()
         self.metrics.close()
+        self.fault.close()
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
 

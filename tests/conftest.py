@@ -63,7 +63,7 @@ def tiny_llama(tmp_path_factory) -> str:
         "model_type": "llama",
         "hidden_size": 64,
         "intermediate_size": 128,
-        "num_hidden_layers": 2,
+        "num_hidden_layers": 4,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "max_position_embeddings": 256,

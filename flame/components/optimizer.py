@@ -37,8 +37,8 @@ def optimizer_kwargs(config: JobConfig) -> dict[str, Any]:
     return {k: v for k, v in wanted.items() if k in accepted}
 
 
-def build_optimizers(model: nn.Module, config: JobConfig) -> Optimizers:
-    """One optimizer over all trainable parameters, keyed by FQN for checkpoints."""
+def build_optimizers(model_parts: list[nn.Module] | nn.Module, config: JobConfig) -> Optimizers:
+    """One optimizer per model part (pipeline stage) over its trainable parameters, keyed by FQN."""
     o = config.optimizer
     accepted = inspect.signature(getattr(torch.optim, o.name).__init__).parameters
     implementation = o.implementation
@@ -50,7 +50,7 @@ def build_optimizers(model: nn.Module, config: JobConfig) -> Optimizers:
         ],
         implementation=implementation,
     )
-    return Optimizers(cfg, model_parts=[model])
+    return Optimizers(cfg, model_parts=model_parts if isinstance(model_parts, list) else [model_parts])
 
 
 def build_lr_schedulers(optimizers: Optimizers, config: JobConfig) -> LRSchedulersContainer:

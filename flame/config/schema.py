@@ -31,6 +31,9 @@ class Job:
     )
     description: str = opt("", "free text describing the run, kept in config.toml")
     print_args: bool = opt(False, "print the fully resolved config before training")
+    dry_run: bool = opt(
+        False, "build the parallel plan for NGPU x NNODE ranks in one CPU process (fake process group), report, exit"
+    )
 
 
 @dataclass
@@ -80,6 +83,11 @@ class Training:
     steps: int = opt(10000, "optimizer steps to train for")
     max_norm: float = opt(1.0, "gradient clipping by global L2 norm; 0 disables clipping")
     skip_nan_inf: bool = opt(False, "skip optimizer steps whose gradient norm is NaN or Inf (and count them)")
+    max_consecutive_bad_steps: int = opt(
+        10,
+        "with skip_nan_inf: after this many skipped steps in a row, save the last good state and stop "
+        "with an error (0: never stop)",
+    )
     dataset: list[str] = opt(
         [],
         "comma list: hub names, local folders, or builders (json, parquet, text, arrow)",
@@ -94,6 +102,10 @@ class Training:
     data_probs: list[float] = opt([], "comma list: sampling probability of each dataset")
     text_column: str = opt("", "column holding the text; default: 'text', else 'content'")
     streaming: bool = opt(False, "read datasets as streams (IterableDataset)")
+    shuffle_buffer_size: int = opt(
+        1000,
+        "streaming: documents read into the shuffle buffer and emitted in a seeded order per block (1: no shuffling)",
+    )
     num_workers: int = opt(0, "dataloader worker processes per rank")
     prefetch_factor: int = opt(2, "batches each worker loads ahead (with num_workers > 0)")
     pin_memory: bool = opt(False, "pin host memory of batches (GPU)")
@@ -154,8 +166,13 @@ class Checkpoint:
         "save in the background",
         ("disabled", "async", "async_with_pinned_mem"),
     )
-    keep_latest_k: int = opt(0, "keep only the newest k checkpoints (0 keeps all; otherwise at least 2)")
-    load_step: int = opt(-1, "resume from this step; -1: the latest")
+    keep_latest_k: int = opt(0, "keep only the newest k complete checkpoints, the final one included (0 keeps all)")
+    load_step: int = opt(-1, "resume from this step; -1: the latest complete one")
+    initial_load_hf: str = opt(
+        "",
+        "Hugging Face model folder (safetensors) whose weights training starts from; "
+        "used only while the checkpoint folder holds no checkpoint",
+    )
 
 
 @dataclass

@@ -10,15 +10,11 @@ import os
 from typing import Any
 
 from flame.config.errors import ConfigError
-from flame.config.schema import JobConfig
+from flame.config.schema import JobConfig, Training
 
 # Features whose flags exist (the upstream CLI contract) but which this version of flame does not
 # run yet: setting them is an error, never silently ignored. Maps flag -> (default, what it is).
 NOT_YET: dict[str, tuple[object, str]] = {
-    "training.enable_cpu_offload": (False, "CPU offload"),
-    "training.varlen": (False, "varlen document packing"),
-    "training.streaming": (False, "streaming datasets"),
-    "experimental.pipeline_parallel_degree": (1, "pipeline parallelism"),
     "experimental.context_parallel_degree": (1, "context parallelism"),
     "experimental.enable_compiled_autograd": (False, "compiled autograd"),
     "optimizer.early_step_in_backward": (False, "optimizer steps in backward"),
@@ -35,6 +31,7 @@ GPU_ONLY: dict[str, tuple[object, str]] = {
     ),
     "experimental.enable_async_tensor_parallel": (False, "async tensor parallelism"),
     "profiling.enable_memory_snapshot": (False, "CUDA memory snapshots"),
+    "training.enable_cpu_offload": (False, "CPU offload (on a CPU-only machine everything is on the CPU already)"),
     "checkpoint.async_mode": ("disabled", "pinned-memory async checkpointing"),
 }
 _GPU_ONLY_VALUES = {"checkpoint.async_mode": "async_with_pinned_mem"}
@@ -130,16 +127,9 @@ def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> No
         t.gc_freq >= 0,
         f"--training.gc_freq must be >= 0 (0: automatic), got {t.gc_freq}",
     )
+    _check_fault_tolerance(config, problems)
     ck = config.checkpoint
-    need(
-        ck.keep_latest_k == 0 or ck.keep_latest_k >= 2,
-        f"--checkpoint.keep_latest_k must be 0 (keep all) or at least 2, got {ck.keep_latest_k}",
-    )
-    need(
-        ck.load_step >= -1,
-        f"--checkpoint.load_step must be -1 (latest) or a step >= 0, got {ck.load_step}",
-    )
-    need(bool(ck.folder.strip()), "--checkpoint.folder must not be empty")
+    _check_checkpoint(config, problems)
     if config.activation_checkpoint.mode == "selective":
         opt = config.activation_checkpoint.selective_ac_option
         need(
@@ -156,6 +146,19 @@ def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> No
         need(world_size == 1, f"--checkpoint.create_seed_checkpoint runs on one process (NGPU=1), not {world_size}")
         seed = os.path.join(config.job.dump_folder, ck.folder, "step-0")
         need(not os.path.exists(seed), f"--checkpoint.create_seed_checkpoint: {seed} exists already; remove it first")
+
+    e = config.experimental
+    from flame.models.pipeline import SCHEDULES, schedule_names
+
+    if e.pipeline_parallel_schedule not in SCHEDULES:
+        problems.append(
+            f"--experimental.pipeline_parallel_schedule: {e.pipeline_parallel_schedule!r} is not a supported "
+            f"schedule; choose one of: {schedule_names()}"
+        )
+    if e.pipeline_parallel_microbatches is not None and e.pipeline_parallel_microbatches < 1:
+        problems.append(
+            f"--experimental.pipeline_parallel_microbatches must be >= 1, got {e.pipeline_parallel_microbatches}"
+        )
 
     _check_data(config, problems)
     _check_files(config, problems)
@@ -175,6 +178,47 @@ def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> No
         raise ConfigError(problems)
 
 
+def _check_checkpoint(config: JobConfig, problems: list[str]) -> None:
+    ck = config.checkpoint
+    if ck.keep_latest_k < 0:
+        problems.append(f"--checkpoint.keep_latest_k must be 0 (keep all) or a positive count, got {ck.keep_latest_k}")
+    if ck.load_step < -1:
+        problems.append(f"--checkpoint.load_step must be -1 (latest) or a step >= 0, got {ck.load_step}")
+    elif ck.load_step != -1 and not ck.enable_checkpoint:
+        problems.append("--checkpoint.load_step only applies with --checkpoint.enable_checkpoint; it would be ignored")
+    if ck.export_dtype != "float32" and not ck.model_weights_only:
+        problems.append(
+            "--checkpoint.export_dtype only applies with --checkpoint.model_weights_only (the final export); "
+            "resumable checkpoints keep the training dtype"
+        )
+    if not ck.folder.strip():
+        problems.append("--checkpoint.folder must not be empty")
+    if ck.initial_load_hf:
+        folder = ck.initial_load_hf
+        if not os.path.exists(folder):
+            problems.append(f"--checkpoint.initial_load_hf: {folder!r} does not exist (a Hugging Face model folder)")
+        elif not os.path.isdir(folder):
+            problems.append(f"--checkpoint.initial_load_hf: {folder!r} is not a folder (a Hugging Face model folder)")
+        elif not any(name.endswith(".safetensors") for name in os.listdir(folder)):
+            problems.append(
+                f"--checkpoint.initial_load_hf: {folder!r} holds no .safetensors weights; save the model with "
+                "save_pretrained() (safetensors is its default) or convert it with convert_hf_to_dcp"
+            )
+
+
+def _check_fault_tolerance(config: JobConfig, problems: list[str]) -> None:
+    t = config.training
+    if t.max_consecutive_bad_steps < 0:
+        problems.append(
+            f"--training.max_consecutive_bad_steps must be >= 0 (0: never stop), got {t.max_consecutive_bad_steps}"
+        )
+    elif t.max_consecutive_bad_steps != Training.max_consecutive_bad_steps and not t.skip_nan_inf:
+        problems.append(
+            "--training.max_consecutive_bad_steps only applies with --training.skip_nan_inf (without it a bad "
+            "step is not skipped); it would be ignored"
+        )
+
+
 def _check_optimizer_name(name: str, problems: list[str]) -> None:
     import torch
 
@@ -191,30 +235,17 @@ def _check_optimizer_name(name: str, problems: list[str]) -> None:
 
 
 def _check_data(config: JobConfig, problems: list[str]) -> None:
-    t = config.training
-    if not t.dataset:
-        problems.append("--training.dataset is required: a hub name, a local folder, or a builder such as json")
-        return
-    if len(t.dataset) > 1:
+    # The data checks live with the data code (build_dataloader runs them too); here they also
+    # report flags that would be ignored, such as context_len without varlen.
+    from flame.data.checks import data_problems
+
+    problems.extend(data_problems(config.training, ignored_flags=True))
+    if config.training.varlen and config.experimental.pipeline_parallel_degree > 1:
+        # the pipeline stages pass hidden states only: document boundaries would be lost silently
         problems.append(
-            f"--training.dataset: {len(t.dataset)} datasets given; mixing several datasets is not supported "
-            "yet in this version of flame (give one)"
+            "--training.varlen does not work with --experimental.pipeline_parallel_degree > 1 yet (pipeline "
+            "stages take no document boundaries); turn one of them off"
         )
-    for flag in (
-        "dataset_name",
-        "dataset_split",
-        "data_dir",
-        "data_files",
-        "data_probs",
-    ):
-        values = getattr(t, flag)
-        if values and len(values) not in (1, len(t.dataset)):
-            problems.append(
-                f"--training.{flag} has {len(values)} entries but --training.dataset has {len(t.dataset)}: "
-                "give one entry per dataset"
-            )
-    if any(p <= 0 for p in t.data_probs):
-        problems.append(f"--training.data_probs must all be positive, got {t.data_probs}")
 
 
 def _check_files(config: JobConfig, problems: list[str]) -> None:

@@ -7,12 +7,19 @@ Qwen, Mistral, GPT-NeoX-style and fla models); families that differ register the
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from flame.config.errors import ConfigError
+
+logger = logging.getLogger("flame.models")
+_LOGGED_ROUTES: set[str] = set()  # varlen routes already announced in this process
 
 
 @dataclass(frozen=True)
@@ -23,12 +30,43 @@ class ModelAdapter:
     layers_attr: str = "layers"
     # Tensor-parallel plan of one decoder layer: submodule name -> "colwise" | "rowwise" (None: no TP).
     tp_plan: dict[str, str] | None = None
+    # Forward of one pipeline stage: (stage model, tokens or hidden states, is_first, is_last) -> output
+    # (None: the family cannot be pipelined).
+    stage_forward: Callable[[nn.Module, torch.Tensor, bool, bool], torch.Tensor] | None = None
+    # Module whose import registers the family's classes with the Auto classes; flame imports it before
+    # AutoConfig reads a config of this family ("" : transformers knows the family itself).
+    registered_by: str = ""
+    # Device types the family's kernels run on: a clear error elsewhere instead of a kernel crash.
+    device_types: tuple[str, ...] = ("cpu", "cuda")
+    # The built model's attention implementation (config._attn_implementation): picks the varlen route.
+    attn_implementation: str = ""
+
+    def with_model(self, model: nn.Module) -> ModelAdapter:
+        """This adapter, knowing the attention implementation of the built ``model``."""
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+        return dataclasses.replace(self, attn_implementation=str(impl))
+
+    def varlen_route(self) -> str:
+        """How packed documents are kept apart in attention: "fla" (fla layers' ``cu_seqlens``),
+        "flash" (flash-attention varlen kwargs), "sdpa" (boolean block mask) or "eager" (additive mask)."""
+        impl = self.attn_implementation
+        if self.registered_by == "fla":
+            return "fla"
+        if "flash" in impl:  # flash_attention_2/3 and kernels-hub flash-attn builds
+            return "flash"
+        if impl in ("sdpa", "eager", ""):
+            return impl or "sdpa"
+        raise ConfigError(
+            f"--training.varlen: attention implementation {impl!r} of model family {self.family!r} has no "
+            "route that keeps packed documents apart; use sdpa or eager (CPU/GPU) or flash_attention_2 (GPU)"
+        )
 
     def decoder(self, model: nn.Module) -> nn.Module:
         """The backbone that holds the decoder layers (``model.model`` for HF causal LMs)."""
         prefix = getattr(model, "base_model_prefix", "model")
         base = getattr(model, prefix, None)
-        if base is None or not isinstance(getattr(base, self.layers_attr, None), nn.ModuleList):
+        # A ModuleDict once pipeline parallelism kept only a stage's layers (under their original indices).
+        if base is None or not isinstance(getattr(base, self.layers_attr, None), (nn.ModuleList, nn.ModuleDict)):
             raise ConfigError(
                 f"model family {self.family!r} ({type(model).__name__}) has no `{prefix}.{self.layers_attr}` "
                 "list of decoder layers; register a ModelAdapter for it in flame/models/adapters.py"
@@ -36,18 +74,68 @@ class ModelAdapter:
         return base
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
-        """The decoder layers: the units of sharding, checkpointing and compilation."""
+        """The decoder layers (iterate with ``.children()``): the units of sharding, checkpointing and compilation."""
         return getattr(self.decoder(model), self.layers_attr)
 
-    def model_inputs(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-        """The forward() keyword arguments for one batch from the data loader (all but ``labels``)."""
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
+    def model_inputs(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+        """The forward() keyword arguments for one batch from the data loader (all but ``labels``).
+
+        A varlen batch (it has ``position_ids``, see ``flame.data.varlen``) gets the document
+        boundaries in the form this family's attention takes them (``varlen_route``):
+
+        * sdpa/eager: a 4-D ``[batch, 1, L, L]`` block-diagonal causal mask (boolean for sdpa,
+          additive float for eager) plus per-document ``position_ids``; ``position_ids`` alone do
+          not stop sdpa attending across documents;
+        * flash: the batch flattened to one row with ``cu_seq_lens_q/k``, ``max_length_q/k`` and
+          ``position_ids`` (flash_attn_varlen);
+        * fla: the batch flattened to one row with fla's ``cu_seqlens``.
+
+        Flattened routes return logits of shape ``[1, batch * L, vocab]``; ``labels.flatten()``
+        lines up with them as with ``[batch, L, vocab]``.
+        """
+        if "position_ids" not in batch:
+            return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
+        from flame.data.varlen import block_causal_mask, cu_seqlens_from_position_ids
+
+        route = self.varlen_route()
+        if route not in _LOGGED_ROUTES:
+            _LOGGED_ROUTES.add(route)
+            logger.info("varlen attention route: %s (model family %s)", _ROUTE_TEXT[route], self.family)
+        input_ids = batch["input_ids"].to(device, non_blocking=True)
+        position_ids = batch["position_ids"].to(device, non_blocking=True)
+        if route in ("sdpa", "eager"):
+            mask = block_causal_mask(position_ids)
+            if route == "eager":  # eager attention adds the mask to the scores
+                mask = torch.zeros(mask.shape, device=device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+            return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask}
+        cu = batch.get("cu_seqlens")
+        cu = cu_seqlens_from_position_ids(position_ids) if cu is None else cu.to(device, non_blocking=True)
+        flat = {"input_ids": input_ids.reshape(1, -1)}
+        if route == "fla":
+            return {**flat, "cu_seqlens": cu.long()}
+        max_length = int((cu[1:] - cu[:-1]).max())
+        return {
+            **flat,
+            "position_ids": position_ids.reshape(1, -1),
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": max_length,
+            "max_length_k": max_length,
+        }
 
     def layer_names(self, model: nn.Module) -> list[str]:
         """Fully qualified names of the decoder layers, in order."""
         prefix = getattr(model, "base_model_prefix", "model")
         return [f"{prefix}.{self.layers_attr}.{name}" for name, _ in self.layers(model).named_children()]
 
+
+_ROUTE_TEXT = {
+    "sdpa": "sdpa with a boolean block-diagonal causal mask [batch, 1, L, L] and per-document position_ids",
+    "eager": "eager attention with an additive block-diagonal causal mask [batch, 1, L, L] and per-document "
+    "position_ids",
+    "flash": "flash-attention varlen (cu_seq_lens_q/k, max_length_q/k) on the flattened batch",
+    "fla": "fla layers' cu_seqlens on the flattened batch",
+}
 
 _ADAPTERS: dict[str, ModelAdapter] = {}
 
@@ -58,13 +146,30 @@ def register_adapter(model_type: str, adapter: ModelAdapter) -> None:
 
 
 def _register_builtin() -> None:
+    from flame.models.pipeline import llama_stage_forward
     from flame.models.tensor_parallel import LLAMA_LAYER_PLAN
 
     for model_type in ("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite"):
-        register_adapter(model_type, ModelAdapter(family=model_type, tp_plan=LLAMA_LAYER_PLAN))
+        register_adapter(
+            model_type, ModelAdapter(family=model_type, tp_plan=LLAMA_LAYER_PLAN, stage_forward=llama_stage_forward)
+        )
 
 
 _register_builtin()
+
+# Model types that flash-linear-attention 0.6.0 registers on `import fla` (a test keeps this list equal to
+# fla's). Their layers run fla's Triton kernels (some also need the flash-attn package): CUDA only. Note that
+# fla registers "mamba", "mamba2" and "bitnet" over transformers' own classes of those names: in flame those
+# model types always mean fla's implementations, whatever else was imported.
+FLA_MODEL_TYPES = (
+    "abc", "bitnet", "cat", "comba", "cyclic_flow_attention", "delta_net", "deltaformer",
+    "forgetting_transformer", "gated_deltanet", "gated_deltaproduct", "gla", "gsa", "hgrn", "hgrn2", "kda",
+    "lightnet", "linear_attn", "log_linear_mamba2", "mamba", "mamba2", "mamba3", "mesa_net", "mla", "moba",
+    "mom", "nsa", "parallax", "path_attn", "precond_gated_deltanet", "precond_kda", "raven", "retnet",
+    "rodimus", "rwkv6", "rwkv7", "samba", "stickbreaking_attn", "transformer", "wall_transformer", "yoco",
+)  # fmt: skip
+for _model_type in FLA_MODEL_TYPES:
+    register_adapter(_model_type, ModelAdapter(family=_model_type, registered_by="fla", device_types=("cuda",)))
 
 
 def adapter_for(model_type: str) -> ModelAdapter:

@@ -51,22 +51,30 @@ def apply_compile(decoder: nn.Module) -> None:
     logger.info("compile: each decoder layer with torch.compile(fullgraph=True)")
 
 
-def apply_fsdp(model: nn.Module, adapter: ModelAdapter, mesh, param_dtype: str, reduce_dtype: str) -> None:
-    """FSDP2 ``fully_shard`` on each decoder layer and the root; a 2-D mesh gives HSDP."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def apply_fsdp(
+    model: nn.Module, adapter: ModelAdapter, mesh, param_dtype: str, reduce_dtype: str, cpu_offload: bool = False
+) -> None:
+    """FSDP2 ``fully_shard`` on each decoder layer and the root; a 2-D mesh gives HSDP.
+
+    ``cpu_offload`` keeps parameters, gradients and optimizer state in host memory (GPU runs)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
-    layers = list(adapter.layers(model))
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    layers = list(adapter.layers(model).children())
     for index, layer in enumerate(layers):
         # The last layer's parameters are needed right away by backward: don't free them after forward.
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=index < len(layers) - 1)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(
+            layer, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=index < len(layers) - 1
+        )
+    fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
     logger.info(
-        "data parallel: FSDP2 over mesh axes %s (shape %s), params %s, reduce %s",
+        "data parallel: FSDP2 over mesh axes %s (shape %s), params %s, reduce %s%s",
         mesh.mesh_dim_names,
         tuple(mesh.shape),
         param_dtype,
         reduce_dtype,
+        ", CPU offload" if cpu_offload else "",
     )
 
 
@@ -80,7 +88,7 @@ def parallelize(model: nn.Module, adapter: ModelAdapter, parallel_dims, config: 
             )
         apply_tensor_parallel(
             model,  # type: ignore[arg-type]
-            adapter.layers(model),
+            list(adapter.layers(model).children()),
             adapter.tp_plan,
             parallel_dims.get_mesh("tp"),
             loss_parallel=not config.training.disable_loss_parallel,
@@ -94,4 +102,4 @@ def parallelize(model: nn.Module, adapter: ModelAdapter, parallel_dims, config: 
         axes = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
         mesh = parallel_dims.get_mesh(axes)
         t = config.training
-        apply_fsdp(model, adapter, mesh, t.mixed_precision_param, t.mixed_precision_reduce)
+        apply_fsdp(model, adapter, mesh, t.mixed_precision_param, t.mixed_precision_reduce, t.enable_cpu_offload)

@@ -68,24 +68,25 @@ def _replicate_norm(module: nn.Module, mesh: DeviceMesh) -> None:
 
 
 def apply_tensor_parallel(
-    model: PreTrainedModel, layers: nn.ModuleList, layer_plan: dict[str, str], mesh: DeviceMesh, loss_parallel: bool
+    model: PreTrainedModel, layers: list[nn.Module], layer_plan: dict[str, str], mesh: DeviceMesh, loss_parallel: bool
 ) -> None:
     """Split every decoder layer by ``layer_plan``, the embedding by vocabulary rows and the output head
     by vocabulary columns; replicate the norms."""
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
     for layer in layers:
         parallelize_module(layer, mesh, {name: styles[style]() for name, style in layer_plan.items()})
+    # A pipeline stage may own neither (middle stages) or only one of them.
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    if embedding is None or head is None:
-        raise ConfigError("tensor parallelism needs a model with input and output embeddings")
-    parallelize_module(embedding, mesh, RowwiseParallel(input_layouts=Replicate()))
-    head_style = (
-        ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
-        if loss_parallel
-        else ColwiseParallel(output_layouts=Replicate())
-    )
-    parallelize_module(head, mesh, head_style)
+    if embedding is not None:
+        parallelize_module(embedding, mesh, RowwiseParallel(input_layouts=Replicate()))
+    if head is not None:
+        head_style = (
+            ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+            if loss_parallel
+            else ColwiseParallel(output_layouts=Replicate())
+        )
+        parallelize_module(head, mesh, head_style)
     for module in model.modules():
         if "Norm" in type(module).__name__ and any(
             not isinstance(p, DTensor) for p in module.parameters(recurse=False)

@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         "FLAME_TOKENIZER": config.model.tokenizer_path,
         "FLAME_CUSTOM_MODEL_PATH": config.experimental.custom_model_path,
         "FLAME_SEED_CHECKPOINT": int(config.checkpoint.create_seed_checkpoint),
+        "FLAME_DRY_RUN": int(config.job.dry_run),
     }
     for key, value in values.items():
         print(f"{key}={shlex.quote(str(value))}")

@@ -126,11 +126,11 @@ def test_validate_collects_every_problem(tmp_path):
 
 def test_validate_rejects_later_features_and_gpu_features_on_cpu(tmp_path):
     config = _valid(tmp_path)
-    config.experimental.pipeline_parallel_degree = 2
+    config.experimental.context_parallel_degree = 2
     config.float8.enable_float8_linear = True
     with pytest.raises(ConfigError) as e:
         validate(config, world_size=2)
-    assert "--experimental.pipeline_parallel_degree: pipeline parallelism is not supported yet" in str(e.value)
+    assert "--experimental.context_parallel_degree: context parallelism is not supported yet" in str(e.value)
     assert "--float8.enable_float8_linear=True: float8 training needs a CUDA GPU" in str(e.value)
 
 
@@ -164,7 +164,10 @@ def test_every_shipped_config_loads():
     assert tomls and jsons
     for path in tomls:
         load_toml(path)
+    import fla  # noqa: F401  (registers the flash-linear-attention model types)
     from transformers import AutoConfig
+
+    import custom_models  # noqa: F401  (registers flame's example architecture)
 
     for path in jsons:
         assert AutoConfig.from_pretrained(path).model_type == json.load(open(path))["model_type"]
