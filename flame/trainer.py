@@ -133,7 +133,7 @@ class Trainer:
         self.model = self.model_parts[0]
         del reference
         # Loss parallelism: the cross entropy runs on vocabulary-sharded logits (tensor parallel only).
-        loss_parallel = self.parallel_dims.tp_enabled and not t.disable_loss_parallel and self.pipeline is None
+        loss_parallel = self.parallel_dims.tp_enabled and not t.disable_loss_parallel
         self.loss_context = tp_loss_parallel if loss_parallel else contextlib.nullcontext
         if self.pipeline is not None:
             self.pipeline.build_schedule(token_loss_sum)
@@ -197,7 +197,8 @@ class Trainer:
         # every target token of the global batch (not a mean of per-micro-batch means).
         scale = self.dp_world_size / num_global_tokens
         if self.pipeline is not None:
-            return self.pipeline.forward_backward(batch, scale)
+            with self.loss_context():  # the last stage's loss and its backward run inside the schedule
+                return self.pipeline.forward_backward(batch, scale)
         with self.loss_context():
             loss_sum = self._loss_sum(batch)
             (loss_sum * scale).backward()
@@ -215,7 +216,8 @@ class Trainer:
     def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The summed token loss of one batch without gradients, under any layout (for validation)."""
         if self.pipeline is not None:
-            return self.pipeline.loss_sum(batch)
+            with self.loss_context():
+                return self.pipeline.loss_sum(batch)
         with self.loss_context():
             loss_sum = self._loss_sum(batch)
         return loss_sum.full_tensor() if isinstance(loss_sum, DTensor) else loss_sum

@@ -56,6 +56,7 @@ CASES = [
     Case("model-config-missing", ("--model.config: '/nonexistent/model.json' does not exist",), {"model.config": "/nonexistent/model.json"}),
     Case("degrees", ("parallel degrees multiply to 3", "the world size is 1"), {"training.data_parallel_shard_degree": "3"}),
     Case("tp-heads", ("num_attention_heads (4) is not divisible",), {"training.tensor_parallel_degree": "3"}),
+    Case("tp-seq-len", ("--training.seq_len 33 is not divisible by --training.tensor_parallel_degree 2",), {"training.tensor_parallel_degree": "2", "training.seq_len": "33"}, launcher="dry-run"),
     Case("cp-seq-len", ("--experimental.context_parallel_degree", "not supported yet"), {"experimental.context_parallel_degree": "2", "training.seq_len": "33"}),
     Case("pp-split-point", ("--experimental.pipeline_parallel_split_points ['model.layers.99']", "layers.0 .. layers.3"), {"experimental.pipeline_parallel_degree": "2", "experimental.pipeline_parallel_split_points": "model.layers.99"}, launcher="dry-run"),
     Case("gpu-float8", ("--float8.enable_float8_linear=True: float8 training needs a CUDA GPU",), {"float8.enable_float8_linear": "true"}),

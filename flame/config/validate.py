@@ -285,6 +285,11 @@ def _check_degrees(config: JobConfig, world_size: int, problems: list[str]) -> N
     product = dp_shard
     for v in degrees.values():
         product *= v
+    if t.tensor_parallel_degree > 1 and t.seq_len % t.tensor_parallel_degree:
+        problems.append(
+            f"--training.seq_len {t.seq_len} is not divisible by --training.tensor_parallel_degree "
+            f"{t.tensor_parallel_degree}: sequence parallelism splits every sequence over the tensor-parallel ranks"
+        )
     if t.tensor_parallel_degree > 1 and os.path.exists(config.model.config):
         problems.extend(_tp_problems(config))
     if product != world_size:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from flame.config.errors import ConfigError
 
@@ -100,6 +101,10 @@ def build_stage_model(model: nn.Module, adapter: Any, layer_ids: list[int], firs
     return stage
 
 
+# Set on a model by tensor parallelism: the number of sequence shards of its residual stream.
+SEQUENCE_SHARDS_ATTR = "_flame_sequence_shards"
+
+
 def llama_stage_forward(model: Any, x: torch.Tensor, first: bool, last: bool) -> torch.Tensor:
     """One stage of a Llama-style decoder: token ids or hidden states in, hidden states or logits out.
 
@@ -107,7 +112,9 @@ def llama_stage_forward(model: Any, x: torch.Tensor, first: bool, last: bool) ->
     """
     decoder = model.model
     hidden = decoder.embed_tokens(x) if first else x
-    positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    # Under sequence parallelism the hidden states between stages are this rank's sequence shard.
+    length = x.shape[1] if first else x.shape[1] * getattr(model, SEQUENCE_SHARDS_ATTR, 1)
+    positions = torch.arange(length, device=hidden.device).unsqueeze(0)
     position_embeddings = decoder.rotary_emb(hidden, positions)
     for layer in decoder.layers.values():
         hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=position_embeddings)
@@ -199,7 +206,9 @@ class Pipeline:
         run(*args, target=labels if self.has_last else None, losses=losses if self.has_last else None)
         total = torch.zeros((), device=self.device)
         if self.has_last:
-            total = torch.stack([loss.detach() for loss in losses]).sum() / self.scale
+            # Under loss parallelism the losses are replicated DTensors.
+            local = [loss.full_tensor() if isinstance(loss, DTensor) else loss for loss in losses]
+            total = torch.stack([loss.detach() for loss in local]).sum() / self.scale
         torch.distributed.all_reduce(total, group=self.pp_mesh.get_group())  # every rank reports the loss
         return total
 

@@ -1,11 +1,20 @@
-"""Tensor parallelism (DTensor) for Hugging Face decoders, with loss parallelism.
+"""Tensor parallelism (DTensor) for Hugging Face decoders, with sequence and loss parallelism.
 
-The family adapter supplies the plan (which projections are split by columns or rows). Norm weights,
-which no plan splits, become replicated DTensors whose inputs and outputs are converted at the
-module boundary: otherwise foreach AdamW and gradient clipping meet a mix of plain tensors and
-DTensors. With loss parallelism the output head keeps the logits sharded over the vocabulary and
-the cross entropy runs on the shards (``torch.distributed.tensor.parallel.loss_parallel``), so the
-full logits never exist on one rank.
+The family adapter supplies the plan (which projections are split by columns or rows).
+
+Sequence parallelism: between the sublayers the residual stream is sharded over the sequence
+(``Shard(1)``): the embedding reduce-scatters into it, the norms on the residual stream
+(``SequenceParallel``) work on a sequence shard, each attention/MLP block all-gathers its input
+on entry, and its row-wise output projection reduce-scatters back, so activations outside the
+blocks take 1/tp of the memory. The final norm runs on the shard and the output head gathers.
+The model is given explicit ``position_ids`` (Hugging Face would derive them from the local,
+sharded length).
+
+Other norms (per-head q/k norms inside attention) become replicated DTensors whose inputs and
+outputs are converted at the module boundary: otherwise foreach AdamW and gradient clipping meet a
+mix of plain tensors and DTensors. With loss parallelism the output head keeps the logits sharded
+over the vocabulary and the cross entropy runs on the shards
+(``torch.distributed.tensor.parallel.loss_parallel``), so the full logits never exist on one rank.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
 
 from flame.config.errors import ConfigError
 
@@ -50,16 +59,31 @@ def check_tp_divisibility(model_config: Any, tp: int) -> list[str]:
     return problems
 
 
-def _replicate_norm(module: nn.Module, mesh: DeviceMesh) -> None:
+def _replicate_norm(module: nn.Module, mesh: DeviceMesh, inside_block: bool) -> None:
+    """A norm with replicated weights.
+
+    ``inside_block``: a norm inside a tensor-parallel block (per-head q/k norms), whose input is this
+    rank's heads, either ``[..., heads/tp, head_dim]`` (the norm spans one head: the heads dimension is
+    sharded) or ``[..., heads/tp * head_dim]`` (the norm spans all heads, as OLMo2's: the normalized
+    dimension itself is sharded, and the statistics are reduced over the ranks). Otherwise a norm on the
+    full, replicated residual stream (tensor parallelism without sequence parallelism)."""
+
     def partition(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
         for key, param in list(mod.named_parameters(recurse=False)):
             mod.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh, [Replicate()])))
 
+    features = next(iter(module.parameters(recurse=False))).shape[-1]
+
     def to_dtensor(mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
-        return tuple(
-            DTensor.from_local(x, mesh, [Replicate()], run_check=False) if isinstance(x, torch.Tensor) else x
-            for x in inputs
-        )
+        def convert(x: Any) -> Any:
+            if not isinstance(x, torch.Tensor) or isinstance(x, DTensor):
+                return x
+            if not inside_block:
+                return DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+            dim = x.dim() - 1 if x.shape[-1] != features else x.dim() - 2
+            return DTensor.from_local(x, mesh, [Shard(dim)], run_check=False)
+
+        return tuple(convert(x) for x in inputs)
 
     def to_local(mod: nn.Module, output: Any, mesh: DeviceMesh) -> Any:
         return output.to_local() if isinstance(output, DTensor) else output
@@ -67,37 +91,107 @@ def _replicate_norm(module: nn.Module, mesh: DeviceMesh) -> None:
     distribute_module(module, mesh, partition, input_fn=to_dtensor, output_fn=to_local)  # type: ignore[arg-type]
 
 
+def _is_norm(module: nn.Module) -> bool:
+    return "Norm" in type(module).__name__ and any(True for _ in module.parameters(recurse=False))
+
+
+def _residual_norm(module: nn.Module, mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    if sequence_parallel:
+        parallelize_module(module, mesh, SequenceParallel(use_local_output=True))
+    else:
+        _replicate_norm(module, mesh, inside_block=False)
+
+
+def _gather_sequence_on_entry(module: nn.Module, mesh: DeviceMesh) -> None:
+    """Give ``module`` its input (the first positional argument, or ``hidden_states``) gathered over the
+    sequence: a local ``Shard(1)`` tensor in, a replicated DTensor to the column-wise projections."""
+
+    def gather(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or isinstance(x, DTensor):
+            return x
+        return DTensor.from_local(x, mesh, [Shard(1)], run_check=False).redistribute(mesh, [Replicate()])
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (gather(args[0]), *args[1:]), kwargs
+        if "hidden_states" in kwargs:
+            kwargs = {**kwargs, "hidden_states": gather(kwargs["hidden_states"])}
+        return args, kwargs
+
+    module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _pass_position_ids(decoder: nn.Module) -> None:
+    """Hand the decoder explicit positions 0..L-1 when the caller gives none: under sequence parallelism
+    Hugging Face would count them from the sharded embedding output."""
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if kwargs.get("position_ids") is None and isinstance(input_ids, torch.Tensor):
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+            kwargs = {**kwargs, "position_ids": positions.expand(input_ids.shape[0], -1)}
+        return args, kwargs
+
+    decoder.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def apply_tensor_parallel(
-    model: PreTrainedModel, layers: list[nn.Module], layer_plan: dict[str, str], mesh: DeviceMesh, loss_parallel: bool
+    model: PreTrainedModel,
+    layers: list[nn.Module],
+    layer_plan: dict[str, str],
+    mesh: DeviceMesh,
+    loss_parallel: bool,
+    sequence_parallel: bool = True,
 ) -> None:
     """Split every decoder layer by ``layer_plan``, the embedding by vocabulary rows and the output head
-    by vocabulary columns; replicate the norms."""
-    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    by vocabulary columns; with ``sequence_parallel`` shard the residual stream over the sequence between
+    the blocks (see the module docstring); replicate the other norms."""
+    seq = Shard(1) if sequence_parallel else Replicate()
     for layer in layers:
-        parallelize_module(layer, mesh, {name: styles[style]() for name, style in layer_plan.items()})
+        plan: dict[str, Any] = {}
+        for name, style in layer_plan.items():
+            plan[name] = ColwiseParallel() if style == "colwise" else RowwiseParallel(output_layouts=seq)
+        parallelize_module(layer, mesh, plan)
+        # Norms directly on the residual stream (pre- and post-norms) work on the sequence shard.
+        for child in layer.children():
+            if _is_norm(child):
+                _residual_norm(child, mesh, sequence_parallel)
+        if sequence_parallel:
+            # Blocks holding column-wise projections all-gather their input on entry.
+            for block in {name.rsplit(".", 1)[0] for name, style in layer_plan.items() if style == "colwise"}:
+                _gather_sequence_on_entry(layer.get_submodule(block), mesh)
     # A pipeline stage may own neither (middle stages) or only one of them.
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()
     if embedding is not None:
-        parallelize_module(embedding, mesh, RowwiseParallel(input_layouts=Replicate()))
+        parallelize_module(embedding, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=seq))
+    if sequence_parallel:
+        from flame.models.pipeline import SEQUENCE_SHARDS_ATTR
+
+        setattr(model, SEQUENCE_SHARDS_ATTR, mesh.size())
+        decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+        if decoder is not None and embedding is not None:
+            _pass_position_ids(decoder)
+    final_norm = getattr(getattr(model, getattr(model, "base_model_prefix", "model"), None), "norm", None)
+    if isinstance(final_norm, nn.Module):
+        _residual_norm(final_norm, mesh, sequence_parallel)
     if head is not None:
         head_style = (
-            ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+            ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)
             if loss_parallel
-            else ColwiseParallel(output_layouts=Replicate())
+            else ColwiseParallel(input_layouts=seq, output_layouts=Replicate())
         )
         parallelize_module(head, mesh, head_style)
-    for module in model.modules():
-        if "Norm" in type(module).__name__ and any(
-            not isinstance(p, DTensor) for p in module.parameters(recurse=False)
-        ):
-            _replicate_norm(module, mesh)
+    for module in model.modules():  # the norms inside the blocks
+        if _is_norm(module) and any(not isinstance(p, DTensor) for p in module.parameters(recurse=False)):
+            _replicate_norm(module, mesh, inside_block=True)
     leftover = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
     if leftover:
         raise ConfigError(f"tensor parallelism: no plan covers these parameters: {leftover[:4]}")
     logger.info(
-        "tensor parallel: degree %d over mesh axis %s, loss parallel %s",
+        "tensor parallel: degree %d over mesh axis %s, sequence parallel %s, loss parallel %s",
         mesh.size(),
         mesh.mesh_dim_names,
+        sequence_parallel,
         loss_parallel,
     )

@@ -82,11 +82,12 @@ def test_layout_matches_one_process(reference, train_args, tmp_path, fixed_docs,
             },
         ),
         (4, {"experimental__pipeline_parallel_degree": 2, "training__data_parallel_shard_degree": 2}),
+        (4, {"experimental__pipeline_parallel_degree": 2, "training__tensor_parallel_degree": 2}),
     ],
-    ids=["pp2-gpipe", "pp2-1f1b", "pp2-interleaved", "fsdp2xpp2"],
+    ids=["pp2-gpipe", "pp2-1f1b", "pp2-interleaved", "fsdp2xpp2", "tp2xpp2"],
 )
 def test_pipeline_layout_matches_one_process(reference, train_args, tmp_path, fixed_docs, nproc, flags):
-    dp = nproc // 2
+    dp = nproc // 2 // int(flags.get("training__tensor_parallel_degree", 1))
     args = train_args("pp", training__batch_size=4 // dp, training__steps=STEPS, **flags)
     proc = torchrun(nproc, [*args, *validation_flags(fixed_docs, batch_size=4 // dp)])
     assert "pipeline parallel:" in proc.stdout
