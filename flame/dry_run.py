@@ -42,13 +42,16 @@ def local_numel(model: torch.nn.Module) -> int:
     return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
 
 
-def memory_estimate_gib(config: JobConfig, local_params: int, model_config, layers_local: int, tp: int) -> dict:
+def memory_estimate_gib(
+    config: JobConfig, local_params: int, model_config, layers_local: int, tp: int, cp: int = 1
+) -> dict:
     """A first-order per-device estimate: fp32 weights, gradients and Adam moments (16 bytes per local
     parameter), plus activations saved for backward (~34 x hidden bytes per token and layer at 16-bit,
-    divided by TP; full checkpointing keeps only each layer's input)."""
+    divided by TP; full checkpointing keeps only each layer's input) for the seq_len / cp tokens of a
+    context-parallel shard."""
     t = config.training
     hidden = int(getattr(model_config, "hidden_size", 0))
-    tokens = t.batch_size * t.seq_len
+    tokens = t.batch_size * t.seq_len // cp
     per_token_layer = hidden * 34 * _BYTES[t.mixed_precision_param] / 2 / tp
     if config.activation_checkpoint.mode == "full":
         per_token_layer = hidden * _BYTES[t.mixed_precision_param]
@@ -100,9 +103,9 @@ def dry_run(config: JobConfig, world_size: int) -> dict:
         else:
             parts = [model]
         for part in parts:
-            parallelize(part, adapter, dims, config)
+            parallelize(part, adapter, dims, config, device_type="cuda")
         local = sum(local_numel(p) for p in parts)
-        memory = memory_estimate_gib(config, local, model_config, max(layers_per_rank), dims.tp)
+        memory = memory_estimate_gib(config, local, model_config, max(layers_per_rank), dims.tp, dims.cp)
     finally:
         dist.destroy_process_group()
     report = {

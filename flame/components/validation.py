@@ -1,8 +1,9 @@
 """Validation loss: the mean over every target token of ``validation.steps`` fixed batches.
 
 The batches come from the same data path as training (a fresh loader each time, so every
-validation sees exactly the same tokens), sharded over the data-parallel ranks; the loss sums and
-token counts are reduced over them, so the number does not depend on the layout.
+validation sees exactly the same tokens), sharded over the data-parallel ranks and, under context
+parallelism, each batch over the sequence as in training; the loss sums and token counts are reduced
+over all of them, so the number does not depend on the layout.
 """
 
 from __future__ import annotations
@@ -40,10 +41,22 @@ def validation_data_config(config: JobConfig) -> Any:
 class Validator:
     """Computes the validation loss of a model on fixed batches."""
 
-    def __init__(self, config: JobConfig, tokenizer, *, dp_rank: int, dp_world_size: int, loss_mesh, device) -> None:
+    def __init__(
+        self,
+        config: JobConfig,
+        tokenizer,
+        *,
+        dp_rank: int,
+        dp_world_size: int,
+        loss_mesh,
+        device,
+        shard_batch: Callable[[dict], dict] | None = None,
+    ) -> None:
+        """``shard_batch`` maps a loader batch to this rank's part of it (the context-parallel shard)."""
         from flame.data import build_dataloader
 
         self.config = config
+        self.shard_batch = shard_batch or (lambda batch: batch)
         self.steps = config.validation.steps
         self.loss_mesh = loss_mesh
         self.device = device
@@ -67,7 +80,7 @@ class Validator:
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, target tokens
         loader = iter(self._build())
         for _ in range(self.steps):
-            batch = next(loader)
+            batch = self.shard_batch(next(loader))
             totals[0] += loss_sum(batch).double()
             totals[1] += (batch["labels"] != IGNORE_INDEX).sum().item()
         if self.loss_mesh is not None:

@@ -132,8 +132,12 @@ class Experimental:
     pipeline_parallel_split_points: list[str] = opt([], "comma list of layer names where stages begin")
     pipeline_parallel_schedule: str = opt("1F1B", "a torch.distributed.pipelining schedule name")
     pipeline_parallel_microbatches: int | None = opt(None, "micro-batches per pipeline step (default: the stage count)")
-    context_parallel_degree: int = opt(1, "context-parallel degree (sequence sharding)")
-    context_parallel_rotate_method: str = opt("allgather", "how K/V move between CP ranks", ("allgather", "alltoall"))
+    context_parallel_degree: int = opt(1, "context-parallel degree: ranks each sequence is split over")
+    context_parallel_rotate_method: str = opt(
+        "allgather",
+        "how K/V move between CP ranks: allgather (everywhere), alltoall (torch's ring rotation, CUDA only)",
+        ("allgather", "alltoall"),
+    )
     enable_async_tensor_parallel: bool = opt(False, "overlap TP communication with compute (GPU, with compile)")
     enable_compiled_autograd: bool = opt(False, "compile the backward pass too")
     custom_model_path: str = opt(

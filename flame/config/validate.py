@@ -15,7 +15,6 @@ from flame.config.schema import JobConfig, Training
 # Features whose flags exist (the upstream CLI contract) but which this version of flame does not
 # run yet: setting them is an error, never silently ignored. Maps flag -> (default, what it is).
 NOT_YET: dict[str, tuple[object, str]] = {
-    "experimental.context_parallel_degree": (1, "context parallelism"),
     "experimental.enable_compiled_autograd": (False, "compiled autograd"),
     "optimizer.early_step_in_backward": (False, "optimizer steps in backward"),
     "memory_estimation.enabled": (False, "memory estimation"),
@@ -162,7 +161,7 @@ def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> No
 
     _check_data(config, problems)
     _check_files(config, problems)
-    _check_degrees(config, world_size, problems)
+    _check_degrees(config, world_size, problems, device_type)
 
     for flag, (default, what) in NOT_YET.items():
         if _get(config, flag) != default:
@@ -265,7 +264,7 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.isdir(os.path.dirname(path))
 
 
-def _check_degrees(config: JobConfig, world_size: int, problems: list[str]) -> None:
+def _check_degrees(config: JobConfig, world_size: int, problems: list[str], device_type: str) -> None:
     t, e = config.training, config.experimental
     degrees = {
         "--training.data_parallel_replicate_degree": t.data_parallel_replicate_degree,
@@ -285,7 +284,11 @@ def _check_degrees(config: JobConfig, world_size: int, problems: list[str]) -> N
     product = dp_shard
     for v in degrees.values():
         product *= v
-    if t.tensor_parallel_degree > 1 and t.seq_len % t.tensor_parallel_degree:
+    if e.context_parallel_degree > 1:
+        from flame.models.context_parallel import context_parallel_problems
+
+        problems.extend(context_parallel_problems(config, device_type))
+    elif t.tensor_parallel_degree > 1 and t.seq_len % t.tensor_parallel_degree:
         problems.append(
             f"--training.seq_len {t.seq_len} is not divisible by --training.tensor_parallel_degree "
             f"{t.tensor_parallel_degree}: sequence parallelism splits every sequence over the tensor-parallel ranks"

@@ -40,6 +40,9 @@ class ModelAdapter:
     device_types: tuple[str, ...] = ("cpu", "cuda")
     # The built model's attention implementation (config._attn_implementation): picks the varlen route.
     attn_implementation: str = ""
+    # Whether the family's attention goes through transformers' AttentionInterface, so that context
+    # parallelism can swap in its attention function (flame/models/context_parallel.py).
+    context_parallel: bool = False
 
     def with_model(self, model: nn.Module) -> ModelAdapter:
         """This adapter, knowing the attention implementation of the built ``model``."""
@@ -151,7 +154,10 @@ def _register_builtin() -> None:
 
     for model_type in ("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite"):
         register_adapter(
-            model_type, ModelAdapter(family=model_type, tp_plan=LLAMA_LAYER_PLAN, stage_forward=llama_stage_forward)
+            model_type,
+            ModelAdapter(
+                family=model_type, tp_plan=LLAMA_LAYER_PLAN, stage_forward=llama_stage_forward, context_parallel=True
+            ),
         )
 
 
@@ -170,6 +176,11 @@ FLA_MODEL_TYPES = (
 )  # fmt: skip
 for _model_type in FLA_MODEL_TYPES:
     register_adapter(_model_type, ModelAdapter(family=_model_type, registered_by="fla", device_types=("cuda",)))
+
+
+def context_parallel_families() -> list[str]:
+    """Model types whose adapter allows context parallelism."""
+    return [name for name, adapter in _ADAPTERS.items() if adapter.context_parallel]
 
 
 def adapter_for(model_type: str) -> ModelAdapter:

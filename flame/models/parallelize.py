@@ -78,8 +78,22 @@ def apply_fsdp(
     )
 
 
-def parallelize(model: nn.Module, adapter: ModelAdapter, parallel_dims, config: JobConfig) -> None:
-    """Apply every enabled parallelism to ``model`` (on the meta device) in the documented order."""
+def context_parallel_path(model: nn.Module, config: JobConfig, device_type: str) -> tuple[str, str]:
+    """The context-parallel attention path for this model and run, and why (see ``choose_path``)."""
+    from flame.models.context_parallel import choose_path, uses_sliding_window
+
+    e = config.experimental
+    return choose_path(
+        device_type, config.training.varlen, uses_sliding_window(model.config), e.context_parallel_rotate_method
+    )
+
+
+def parallelize(
+    model: nn.Module, adapter: ModelAdapter, parallel_dims, config: JobConfig, device_type: str = "cpu"
+) -> None:
+    """Apply every enabled parallelism to ``model`` (on the meta device) in the documented order.
+
+    ``device_type`` is where the model will run ("cuda" or "cpu"): it picks the context-parallel path."""
     if parallel_dims.tp_enabled:
         if adapter.tp_plan is None:
             raise ConfigError(
@@ -93,12 +107,39 @@ def parallelize(model: nn.Module, adapter: ModelAdapter, parallel_dims, config: 
             parallel_dims.get_mesh("tp"),
             loss_parallel=not config.training.disable_loss_parallel,
         )
+    if parallel_dims.cp_enabled:
+        from flame.models.context_parallel import apply_context_parallel
+
+        if not adapter.context_parallel:
+            raise ConfigError(
+                f"--experimental.context_parallel_degree: model family {adapter.family!r} has no context-parallel "
+                "attention (see flame/models/context_parallel.py)"
+            )
+        path, why = context_parallel_path(model, config, device_type)
+        mesh = parallel_dims.get_mesh("cp")
+        apply_context_parallel(
+            model,
+            list(adapter.layers(model).children()),
+            mesh,
+            path,
+            config.experimental.context_parallel_rotate_method,
+        )
+        logger.info(
+            "context parallel: degree %d over mesh axis %s, load-balanced shards of seq_len/%d tokens; attention "
+            "path %s: %s",
+            mesh.size(),
+            mesh.mesh_dim_names,
+            mesh.size(),
+            path,
+            why,
+        )
     ac = config.activation_checkpoint
     if ac.mode != "none":
         apply_activation_checkpointing(adapter.decoder(model), ac.mode, ac.selective_ac_option)
     if config.training.compile:
         apply_compile(adapter.decoder(model))
-    if parallel_dims.dp_shard_enabled or parallel_dims.dp_replicate_enabled:
+    # Parameters are replicated over CP: FSDP shards them and reduces gradients over "fsdp" = dp_shard x cp.
+    if parallel_dims.fsdp_enabled or parallel_dims.dp_replicate_enabled:
         axes = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
         mesh = parallel_dims.get_mesh(axes)
         t = config.training

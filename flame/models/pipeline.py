@@ -108,13 +108,21 @@ SEQUENCE_SHARDS_ATTR = "_flame_sequence_shards"
 def llama_stage_forward(model: Any, x: torch.Tensor, first: bool, last: bool) -> torch.Tensor:
     """One stage of a Llama-style decoder: token ids or hidden states in, hidden states or logits out.
 
-    Attention is causal through sdpa's own flag (no mask is passed), positions are 0..L-1.
+    Attention is causal (no mask is passed), positions are 0..L-1, or under context parallelism the
+    global positions of this rank's shard of the sequence.
     """
+    from flame.models.context_parallel import CONTEXT_SHARD_ATTR, shard_indices
+
     decoder = model.model
     hidden = decoder.embed_tokens(x) if first else x
     # Under sequence parallelism the hidden states between stages are this rank's sequence shard.
     length = x.shape[1] if first else x.shape[1] * getattr(model, SEQUENCE_SHARDS_ATTR, 1)
-    positions = torch.arange(length, device=hidden.device).unsqueeze(0)
+    cp_shard = getattr(model, CONTEXT_SHARD_ATTR, None)  # (cp degree, cp rank)
+    if cp_shard is None:
+        positions = torch.arange(length, device=hidden.device).unsqueeze(0)
+    else:
+        cp_degree, cp_rank = cp_shard
+        positions = shard_indices(length * cp_degree, cp_degree, cp_rank, hidden.device).unsqueeze(0)
     position_embeddings = decoder.rotary_emb(hidden, positions)
     for layer in decoder.layers.values():
         hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=position_embeddings)

@@ -126,11 +126,11 @@ def test_validate_collects_every_problem(tmp_path):
 
 def test_validate_rejects_later_features_and_gpu_features_on_cpu(tmp_path):
     config = _valid(tmp_path)
-    config.experimental.context_parallel_degree = 2
+    config.experimental.enable_compiled_autograd = True
     config.float8.enable_float8_linear = True
     with pytest.raises(ConfigError) as e:
         validate(config, world_size=2)
-    assert "--experimental.context_parallel_degree: context parallelism is not supported yet" in str(e.value)
+    assert "--experimental.enable_compiled_autograd: compiled autograd is not supported yet" in str(e.value)
     assert "--float8.enable_float8_linear=True: float8 training needs a CUDA GPU" in str(e.value)
 
 

@@ -20,15 +20,19 @@ def _args(tmp_path, byte_tokenizer, fixed_docs, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_dry_run_of_64_ranks_fsdp_tp_pp(tmp_path, byte_tokenizer, fixed_docs):
+def test_dry_run_of_64_ranks_fsdp_tp_pp_cp(tmp_path, byte_tokenizer, fixed_docs):
     args = _args(
         tmp_path, byte_tokenizer, fixed_docs,
         "--training.tensor_parallel_degree", "4", "--experimental.pipeline_parallel_degree", "2",
+        "--experimental.context_parallel_degree", "2",
     )  # fmt: skip
     proc = run(args, NGPU="8", NNODE="8", timeout=120)
     out = proc.stdout
     assert "dry run for 64 ranks" in out
-    assert "'pp': 2, 'dp_replicate': 1, 'dp_shard': 8, 'cp': 1, 'tp': 4" in out
+    assert "'pp': 2, 'dp_replicate': 1, 'dp_shard': 4, 'cp': 2, 'tp': 4" in out
+    # a CUDA target: torch's ring attention; FSDP shards over dp_shard x cp
+    assert "context parallel: degree 2 over mesh axis ('cp',)" in out and "attention path ring" in out
+    assert "FSDP2 over mesh axes ('fsdp',) (shape (8,))" in out
     assert "layers per pipeline stage [16, 16]" in out
     # 6.48B parameters with the 257-token vocabulary; rank 0 holds 1/64 of them
     total = float(out.split("M parameters, ")[0].split(";")[-1])
