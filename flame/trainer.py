@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -148,6 +148,16 @@ class Trainer:
         self.loss_context = tp_loss_parallel if loss_parallel else contextlib.nullcontext
         if self.pipeline is not None:
             self.pipeline.build_schedule(token_loss_sum)
+        # Compiled autograd: the backward graph is traced and compiled by inductor as a whole.
+        self.backward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        if config.experimental.enable_compiled_autograd:
+            from torch._dynamo.utils import maybe_enable_compiled_autograd
+
+            self.backward_context = functools.partial(maybe_enable_compiled_autograd, True)
+        f8 = config.float8
+        self.precompute_float8_scales = (
+            f8.enable_float8_linear and f8.enable_fsdp_float8_all_gather and f8.precompute_float8_dynamic_scale_for_fsdp
+        )
         self.autocast_dtype = (
             torch.bfloat16 if t.mixed_precision_param == "bfloat16" and not self.parallel_dims.dp_cp_enabled else None
         )
@@ -214,7 +224,8 @@ class Trainer:
                 return self.pipeline.forward_backward(batch, scale)
         with self.loss_context():
             loss_sum = self._loss_sum(batch)
-            (loss_sum * scale).backward()
+            with self.backward_context():
+                (loss_sum * scale).backward()
         loss_sum = loss_sum.detach()
         return loss_sum.full_tensor() if isinstance(loss_sum, DTensor) else loss_sum
 
@@ -269,6 +280,10 @@ class Trainer:
             logger.warning("step %d: gradient norm is %s; step skipped", self.state.step, grad_norm.item())
         else:
             self.optimizers.step()
+            if self.precompute_float8_scales:
+                from flame.models.float8 import precompute_scales
+
+                precompute_scales(self.model_parts)
         self.lr_schedulers.step()
         self.optimizers.zero_grad()
         return {

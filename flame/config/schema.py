@@ -206,6 +206,7 @@ class Float8:
     scaling_type_input: str = opt("dynamic", "float8 scaling of inputs", ("dynamic", "delayed"))
     scaling_type_weight: str = opt("dynamic", "float8 scaling of weights", ("dynamic", "delayed"))
     scaling_type_grad_output: str = opt("dynamic", "float8 scaling of output gradients", ("dynamic", "delayed"))
+    emulate: bool = opt(False, "emulate float8 matmuls (for tests on machines without float8 GPUs; eager only, slow)")
 
 
 @dataclass

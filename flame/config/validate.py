@@ -15,19 +15,12 @@ from flame.config.schema import JobConfig, Training
 # Features whose flags exist (the upstream CLI contract) but which this version of flame does not
 # run yet: setting them is an error, never silently ignored. Maps flag -> (default, what it is).
 NOT_YET: dict[str, tuple[object, str]] = {
-    "experimental.enable_compiled_autograd": (False, "compiled autograd"),
     "optimizer.early_step_in_backward": (False, "optimizer steps in backward"),
     "memory_estimation.enabled": (False, "memory estimation"),
 }
 
 # Features that need a CUDA GPU: a clear error on a CPU-only machine.
 GPU_ONLY: dict[str, tuple[object, str]] = {
-    "float8.enable_float8_linear": (False, "float8 training"),
-    "float8.enable_fsdp_float8_all_gather": (False, "float8 all-gather"),
-    "float8.precompute_float8_dynamic_scale_for_fsdp": (
-        False,
-        "float8 scale precomputation",
-    ),
     "experimental.enable_async_tensor_parallel": (False, "async tensor parallelism"),
     "profiling.enable_memory_snapshot": (False, "CUDA memory snapshots"),
     "training.enable_cpu_offload": (False, "CPU offload (on a CPU-only machine everything is on the CPU already)"),
@@ -171,10 +164,26 @@ def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> No
         bad = current == _GPU_ONLY_VALUES[flag] if flag in _GPU_ONLY_VALUES else current != default
         if bad and device_type != "cuda":
             problems.append(f"--{flag}={current}: {what} needs a CUDA GPU; none is visible on this machine")
-        elif bad and flag.startswith(("float8", "experimental.enable_async")):
-            problems.append(f"--{flag}: {what} is not supported yet in this version of flame")
+    from flame.models.float8 import float8_problems
+
+    problems.extend(float8_problems(config, device_type))
+    _check_compile_features(config, problems)
     if problems:
         raise ConfigError(problems)
+
+
+def _check_compile_features(config: JobConfig, problems: list[str]) -> None:
+    t, e = config.training, config.experimental
+    if e.enable_async_tensor_parallel and not (t.compile and t.tensor_parallel_degree > 1):
+        problems.append(
+            "--experimental.enable_async_tensor_parallel needs --training.compile and --training.tensor_parallel_degree "
+            "> 1 (inductor overlaps the tensor-parallel collectives with the matmuls of the compiled layers)"
+        )
+    if e.enable_compiled_autograd and e.pipeline_parallel_degree > 1:
+        problems.append(
+            "--experimental.enable_compiled_autograd does not apply with --experimental.pipeline_parallel_degree > 1: "
+            "the pipeline schedule runs each stage's backward itself"
+        )
 
 
 def _check_checkpoint(config: JobConfig, problems: list[str]) -> None:

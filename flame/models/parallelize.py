@@ -1,6 +1,7 @@
 """Parallelisation, applied in one place and in a fixed order.
 
-Order (each step only if enabled): pipeline split -> tensor parallel -> context parallel ->
+Order (each step only if enabled): pipeline split -> float8 linear layers -> tensor parallel (async
+TP) -> context parallel ->
 activation checkpointing -> compile -> FSDP2/HSDP -> (weights are initialised after this, by
 ``flame.models.build.init_weights``). Later steps wrap what earlier ones produced: FSDP must see
 the checkpointed/compiled layers so that it all-gathers inside the recomputation.
@@ -78,6 +79,17 @@ def apply_fsdp(
     )
 
 
+def enable_async_tensor_parallel(tp_mesh) -> None:
+    """Let inductor overlap the TP collectives with the matmuls of the compiled layers (micro-pipelined
+    TP over symmetric memory; CUDA, with --training.compile, checked by validation)."""
+    import torch._inductor.config
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+    torch._inductor.config._micro_pipeline_tp = True
+    enable_symm_mem_for_group(tp_mesh.get_group().group_name)
+    logger.info("async tensor parallel: inductor micro-pipelines the TP collectives (symmetric memory)")
+
+
 def context_parallel_path(model: nn.Module, config: JobConfig, device_type: str) -> tuple[str, str]:
     """The context-parallel attention path for this model and run, and why (see ``choose_path``)."""
     from flame.models.context_parallel import choose_path, uses_sliding_window
@@ -94,6 +106,10 @@ def parallelize(
     """Apply every enabled parallelism to ``model`` (on the meta device) in the documented order.
 
     ``device_type`` is where the model will run ("cuda" or "cpu"): it picks the context-parallel path."""
+    if config.float8.enable_float8_linear:
+        from flame.models.float8 import apply_float8
+
+        apply_float8(model, config)
     if parallel_dims.tp_enabled:
         if adapter.tp_plan is None:
             raise ConfigError(
@@ -107,6 +123,8 @@ def parallelize(
             parallel_dims.get_mesh("tp"),
             loss_parallel=not config.training.disable_loss_parallel,
         )
+        if config.experimental.enable_async_tensor_parallel:
+            enable_async_tensor_parallel(parallel_dims.get_mesh("tp"))
     if parallel_dims.cp_enabled:
         from flame.models.context_parallel import apply_context_parallel
 

@@ -126,12 +126,37 @@ def test_validate_collects_every_problem(tmp_path):
 
 def test_validate_rejects_later_features_and_gpu_features_on_cpu(tmp_path):
     config = _valid(tmp_path)
-    config.experimental.enable_compiled_autograd = True
+    config.optimizer.early_step_in_backward = True
     config.float8.enable_float8_linear = True
+    config.experimental.enable_async_tensor_parallel = True
     with pytest.raises(ConfigError) as e:
         validate(config, world_size=2)
-    assert "--experimental.enable_compiled_autograd: compiled autograd is not supported yet" in str(e.value)
-    assert "--float8.enable_float8_linear=True: float8 training needs a CUDA GPU" in str(e.value)
+    text = str(e.value)
+    assert "--optimizer.early_step_in_backward: optimizer steps in backward is not supported yet" in text
+    assert "--float8.enable_float8_linear=True: float8 training needs a CUDA GPU (compute capability 8.9+)" in text
+    assert "--float8.emulate runs torchao's emulation" in text
+    assert "--experimental.enable_async_tensor_parallel=True: async tensor parallelism needs a CUDA GPU" in text
+    assert "enable_async_tensor_parallel needs --training.compile and --training.tensor_parallel_degree > 1" in text
+
+
+def test_validate_float8_flag_combinations(tmp_path):
+    config = _valid(tmp_path)
+    config.float8.enable_fsdp_float8_all_gather = True
+    with pytest.raises(
+        ConfigError, match=r"enable_fsdp_float8_all_gather only applies with --float8\.enable_float8_linear"
+    ):
+        validate(config, world_size=2)
+    config.float8.enable_float8_linear = config.float8.emulate = True
+    config.float8.enable_fsdp_float8_all_gather = False
+    config.float8.precompute_float8_dynamic_scale_for_fsdp = True
+    config.float8.scaling_type_weight = "delayed"
+    config.training.compile = True
+    with pytest.raises(ConfigError) as e:
+        validate(config, world_size=2)
+    text = str(e.value)
+    assert "precompute_float8_dynamic_scale_for_fsdp only applies with --float8.enable_fsdp_float8_all_gather" in text
+    assert "--float8.scaling_type_weight delayed: torchao's float8 training has dynamic scaling only" in text
+    assert "--float8.emulate does not work with --training.compile" in text
 
 
 def test_dp_shard_minus_one_takes_the_ranks_left_over(tmp_path):

@@ -47,3 +47,14 @@ def test_dry_run_reports_impossible_degrees(tmp_path, byte_tokenizer, fixed_docs
     assert proc.returncode == 2
     assert "num_attention_heads (32) is not divisible" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_dry_run_plans_float8_with_fsdp_float8_all_gather(tmp_path, byte_tokenizer, fixed_docs):
+    """A GPU target on this CPU machine: validation passes for CUDA and the plan converts the linears."""
+    args = _args(
+        tmp_path, byte_tokenizer, fixed_docs, "--float8.enable_float8_linear", "--float8.enable_fsdp_float8_all_gather",
+        "--float8.precompute_float8_dynamic_scale_for_fsdp",
+    )  # fmt: skip
+    out = run(args, NGPU="8", NNODE="2", timeout=120).stdout
+    assert "float8: 224 linear layers in float8 (dynamic tensorwise scaling, float8 FSDP all-gather)" in out
+    assert "dry run for 16 ranks" in out
