@@ -200,7 +200,9 @@ class Profiling:
 
 @dataclass
 class Float8:
-    enable_float8_linear: bool = opt(False, "float8 linear layers via torchao (GPU: H100 or newer)")
+    enable_float8_linear: bool = opt(
+        False, "float8 linear layers via torchao (GPU of compute capability 8.9+: H100, L40S, ...)"
+    )
     enable_fsdp_float8_all_gather: bool = opt(False, "all-gather FSDP parameters in float8 (GPU)")
     precompute_float8_dynamic_scale_for_fsdp: bool = opt(False, "one all-reduce for all float8 scales (GPU)")
     scaling_type_input: str = opt("dynamic", "float8 scaling of inputs", ("dynamic", "delayed"))
