@@ -38,8 +38,15 @@ done
 resolved="$("$PYTHON" -m flame.utils.resolve "$@")" || exit $?
 eval "$resolved"
 
+# Visible GPUs: 0 without asking torch when the machine has no GPU device nodes (saves an import of
+# torch, ~1.3 s), else torch's count.
+if ls /dev/nvidia[0-9]* /dev/kfd >/dev/null 2>&1; then
+  CUDA_DEVICES="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+else
+  CUDA_DEVICES=0
+fi
 if [ -z "${NGPU:-}" ]; then
-  NGPU="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)' 2>/dev/null || echo 1)"
+  NGPU=$(( CUDA_DEVICES > 0 ? CUDA_DEVICES : 1 ))
 fi
 NNODE="${NNODE:-1}"
 NODE_RANK="${NODE_RANK:-0}"
@@ -56,7 +63,7 @@ if [ -z "${MASTER_PORT:-}" ]; then
   fi
 fi
 # torchrun pins OMP_NUM_THREADS=1; on a CPU-only machine share the cores among the ranks instead.
-if [ -z "${OMP_NUM_THREADS:-}" ] && ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+if [ -z "${OMP_NUM_THREADS:-}" ] && [ "$CUDA_DEVICES" = 0 ]; then
   cores="$(nproc)"
   export OMP_NUM_THREADS=$(( cores / NGPU > 0 ? cores / NGPU : 1 ))
 fi

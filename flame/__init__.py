@@ -6,11 +6,17 @@ Public API: ``JobConfig`` (the config schema), ``parse_args`` (CLI + TOML), ``Tr
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from flame.config.errors import ConfigError
 from flame.config.loader import load_toml, parse_args
 from flame.config.schema import JobConfig
+
+# torchao (imported by transformers' quantizer registry whenever it is installed) warns about its optional
+# CUDA extensions, and torch about torchao's enum registration: noise on every start, not about the run.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 if TYPE_CHECKING:
     from flame.trainer import Trainer

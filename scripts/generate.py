@@ -6,9 +6,14 @@ python scripts/generate.py outputs/demo --prompt "def " --max-new-tokens 48
 from __future__ import annotations
 
 import argparse
+import logging
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+# torchao, when installed, is imported by transformers and warns about optional CUDA extensions.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def main() -> None:

@@ -70,7 +70,9 @@ def float8_problems(config: Any, device_type: str) -> list[str]:
     try:
         import torchao.float8  # noqa: F401
     except ImportError:
-        problems.append("--float8.enable_float8_linear needs torchao: pip install torchao")
+        problems.append(
+            "--float8.enable_float8_linear needs torchao: pip install -e '.[float8]' (or pip install torchao)"
+        )
     return problems
 
 
