@@ -139,6 +139,14 @@ def test_validate_rejects_later_features_and_gpu_features_on_cpu(tmp_path):
     assert "enable_async_tensor_parallel needs --training.compile and --training.tensor_parallel_degree > 1" in text
 
 
+def test_compiled_autograd_is_refused_on_several_ranks(tmp_path):
+    config = _valid(tmp_path)
+    config.experimental.enable_compiled_autograd = True
+    validate(config, world_size=1)
+    with pytest.raises(ConfigError, match=r"enable_compiled_autograd runs on one process only \(NGPU=1\), not 2"):
+        validate(config, world_size=2)
+
+
 def test_validate_float8_flag_combinations(tmp_path):
     config = _valid(tmp_path)
     config.float8.enable_fsdp_float8_all_gather = True
