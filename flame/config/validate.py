@@ -317,10 +317,21 @@ def _tp_problems(config: JobConfig) -> list[str]:
     """Heads, KV heads and MLP width must divide the tensor-parallel degree (reads the model config)."""
     from transformers import AutoConfig
 
+    from flame.models.adapters import FLA_MODEL_TYPES, adapter_for, tensor_parallel_families
+    from flame.models.build import _declared_model_type, import_family
     from flame.models.tensor_parallel import check_tp_divisibility
 
+    tp = config.training.tensor_parallel_degree
+    model_type = _declared_model_type(config.model.config)
+    # (custom families may register a plan when --experimental.custom_model_path is imported: checked then)
+    if model_type in FLA_MODEL_TYPES and adapter_for(model_type).tp_plan is None:
+        return [
+            f"--training.tensor_parallel_degree {tp}: model family {model_type!r} has no tensor-parallel plan; "
+            f"families with one: {', '.join(tensor_parallel_families())}"
+        ]
     try:
+        import_family(model_type)
         model_config = AutoConfig.from_pretrained(config.model.config)
-    except (OSError, ValueError):
+    except (OSError, ValueError, ConfigError):
         return []  # reported with its reason when the model is built
-    return check_tp_divisibility(model_config, config.training.tensor_parallel_degree)
+    return check_tp_divisibility(model_config, tp)

@@ -40,9 +40,15 @@ class ModelAdapter:
     device_types: tuple[str, ...] = ("cpu", "cuda")
     # The built model's attention implementation (config._attn_implementation): picks the varlen route.
     attn_implementation: str = ""
+    # Whether the family's kernels take plain tensors only (fla's Triton norms and convolutions): under
+    # tensor parallelism its norms and convolutions then run on local shards, not on DTensors.
+    tp_local_kernels: bool = False
     # Whether the family's attention goes through transformers' AttentionInterface, so that context
     # parallelism can swap in its attention function (flame/models/context_parallel.py).
     context_parallel: bool = False
+    # Context parallelism by passing linear-attention states between sequence chunks instead
+    # (fla's GLA: flame/models/fla_context_parallel.py).
+    cp_state_passing: bool = False
 
     def with_model(self, model: nn.Module) -> ModelAdapter:
         """This adapter, knowing the attention implementation of the built ``model``."""
@@ -176,6 +182,32 @@ FLA_MODEL_TYPES = (
 )  # fmt: skip
 for _model_type in FLA_MODEL_TYPES:
     register_adapter(_model_type, ModelAdapter(family=_model_type, registered_by="fla", device_types=("cuda",)))
+
+
+def _register_fla_with_cpu_path() -> None:
+    """fla families with a PyTorch path for CPU tensors (flame/models/fla_reference.py) and a TP plan."""
+    from flame.models.tensor_parallel import FLA_GLA_LAYER_PLAN
+
+    register_adapter(
+        "gla",
+        ModelAdapter(
+            family="gla",
+            registered_by="fla",
+            device_types=("cpu", "cuda"),
+            tp_plan=FLA_GLA_LAYER_PLAN,
+            tp_local_kernels=True,
+            context_parallel=True,
+            cp_state_passing=True,
+        ),
+    )
+
+
+_register_fla_with_cpu_path()
+
+
+def tensor_parallel_families() -> list[str]:
+    """Model types whose adapter has a tensor-parallel plan."""
+    return [name for name, adapter in _ADAPTERS.items() if adapter.tp_plan is not None]
 
 
 def context_parallel_families() -> list[str]:

@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 
@@ -73,12 +74,20 @@ def import_family(model_type: str) -> None:
     if not module:
         return
     try:
-        importlib.import_module(module)
+        with warnings.catch_warnings():  # fla on a CPU-only machine: "Triton is not supported ..., roll back to CPU"
+            warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
+            importlib.import_module(module)
     except ImportError as e:
         raise ConfigError(
             f"--model.config: model type {model_type!r} is provided by the {module!r} package, which cannot be "
             f"imported here ({e}); install it (flash-linear-attention for fla) or choose another model type"
         ) from e
+    if module == "fla":
+        # CPU tensors of the families with a PyTorch path take it (flame/models/fla_reference.py), and GLA
+        # layers can run context-parallel (flame/models/fla_context_parallel.py; a no-op outside CP).
+        from flame.models.fla_context_parallel import install
+
+        install()
 
 
 def load_model_config(path: str, tokenizer=None, norm_type: str = ""):

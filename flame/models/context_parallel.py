@@ -28,8 +28,9 @@ Two attention paths; ``choose_path`` picks one per run and the choice is logged:
   (overlapping communication with compute). torch's ring attention has no CPU kernels and takes no
   attention mask, so CPU runs, varlen documents and sliding-window layers use the all-gather path.
 
-fla's linear-attention families are not supported: fla 0.6.0 ships CP kernels (``fla.ops.cp``), but its
-model layers take no CP context, so they would silently attend within each shard only.
+fla's GLA family takes a third path, state passing (``flame/models/fla_context_parallel.py``): same
+layout and sharding, no K/V exchange. The other fla families have no CP (fla 0.6.0's model layers take
+no CP context) and are refused at config time.
 """
 
 from __future__ import annotations
@@ -135,11 +136,14 @@ def context_parallel_problems(config: Any, device_type: str) -> list[str]:
             "document masks need flame's all-gather attention (torch's ring attention is plain causal); use allgather"
         )
     model_type = _declared_model_type(config.model.config) if config.model.config else ""
-    if model_type and not adapter_for(model_type).context_parallel:
+    if model_type and adapter_for(model_type).cp_state_passing:
+        problems.extend(_state_passing_problems(config, cp))
+    elif model_type and not adapter_for(model_type).context_parallel:
         if model_type in FLA_MODEL_TYPES:
             problems.append(
                 f"--experimental.context_parallel_degree {cp}: fla model family {model_type!r} has no context-"
-                "parallel path: fla 0.6.0 has CP kernels (fla.ops.cp) but its model layers take no CP context"
+                "parallel path (fla 0.6.0's model layers take no CP context); fla families with flame's "
+                f"state-passing CP: {', '.join(n for n in context_parallel_families() if n in FLA_MODEL_TYPES)}"
             )
         else:
             problems.append(
@@ -147,6 +151,40 @@ def context_parallel_problems(config: Any, device_type: str) -> list[str]:
                 "its attention through transformers' AttentionInterface, which context parallelism replaces; "
                 f"families with context parallelism: {', '.join(context_parallel_families())}"
             )
+    return problems
+
+
+def _state_passing_problems(config: Any, cp: int) -> list[str]:
+    """What fla's state-passing CP (flame/models/fla_context_parallel.py) cannot do."""
+    import json
+
+    t, e = config.training, config.experimental
+    problems = []
+    if t.varlen:
+        problems.append(
+            f"--training.varlen with --experimental.context_parallel_degree {cp}: flame's context parallelism for "
+            "fla models passes one recurrent state per row between the chunks and has no document boundaries; "
+            "train fla models with varlen without CP, or CP without varlen"
+        )
+    if e.context_parallel_rotate_method != "allgather":
+        problems.append(
+            f"--experimental.context_parallel_rotate_method {e.context_parallel_rotate_method}: fla models pass "
+            "recurrent states between the chunks (no K/V rotation); leave it at allgather"
+        )
+    try:
+        with open(
+            config.model.config if config.model.config.endswith(".json") else f"{config.model.config}/config.json"
+        ) as f:
+            model = json.load(f)
+    except (OSError, ValueError):
+        return problems
+    chunk = t.seq_len // (2 * cp)
+    width = int(model.get("conv_size", 4))
+    if model.get("use_short_conv") and chunk < width - 1:
+        problems.append(
+            f"--training.seq_len {t.seq_len}: chunks of {chunk} tokens are shorter than the model's short "
+            f"convolution needs from the chunk before ({width - 1}); use seq_len >= {2 * cp * (width - 1)}"
+        )
     return problems
 
 

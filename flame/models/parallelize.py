@@ -92,9 +92,15 @@ def enable_async_tensor_parallel(tp_mesh) -> None:
 
 def context_parallel_path(model: nn.Module, config: JobConfig, device_type: str) -> tuple[str, str]:
     """The context-parallel attention path for this model and run, and why (see ``choose_path``)."""
+    from flame.models.adapters import adapter_for
     from flame.models.context_parallel import choose_path, uses_sliding_window
 
     e = config.experimental
+    if adapter_for(str(getattr(getattr(model, "config", None), "model_type", ""))).cp_state_passing:
+        return "state_passing", (
+            "linear-attention state passing between the sequence chunks (fla kernels on CUDA, flame's PyTorch "
+            "path on CPU; flame/models/fla_context_parallel.py)"
+        )
     return choose_path(
         device_type, config.training.varlen, uses_sliding_window(model.config), e.context_parallel_rotate_method
     )
@@ -112,9 +118,11 @@ def parallelize(
         apply_float8(model, config)
     if parallel_dims.tp_enabled:
         if adapter.tp_plan is None:
+            from flame.models.adapters import tensor_parallel_families
+
             raise ConfigError(
                 f"--training.tensor_parallel_degree: model family {adapter.family!r} has no tensor-parallel plan; "
-                "families with one: llama, mistral, qwen2, qwen3, olmo2, granite"
+                f"families with one: {', '.join(tensor_parallel_families())}"
             )
         apply_tensor_parallel(
             model,  # type: ignore[arg-type]
@@ -122,6 +130,7 @@ def parallelize(
             adapter.tp_plan,
             parallel_dims.get_mesh("tp"),
             loss_parallel=not config.training.disable_loss_parallel,
+            local_kernels=adapter.tp_local_kernels,
         )
         if config.experimental.enable_async_tensor_parallel:
             enable_async_tensor_parallel(parallel_dims.get_mesh("tp"))
@@ -135,13 +144,18 @@ def parallelize(
             )
         path, why = context_parallel_path(model, config, device_type)
         mesh = parallel_dims.get_mesh("cp")
-        apply_context_parallel(
-            model,
-            list(adapter.layers(model).children()),
-            mesh,
-            path,
-            config.experimental.context_parallel_rotate_method,
-        )
+        if adapter.cp_state_passing:
+            from flame.models.fla_context_parallel import apply_fla_context_parallel
+
+            apply_fla_context_parallel(model, list(adapter.layers(model).children()), mesh)
+        else:
+            apply_context_parallel(
+                model,
+                list(adapter.layers(model).children()),
+                mesh,
+                path,
+                config.experimental.context_parallel_rotate_method,
+            )
         logger.info(
             "context parallel: degree %d over mesh axis %s, load-balanced shards of seq_len/%d tokens; attention "
             "path %s: %s",

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
 
 from flame.config.errors import ConfigError
@@ -47,11 +47,47 @@ LLAMA_LAYER_PLAN = {
 }
 
 
+# fla's gated linear attention (GLA) layer: q/k/v/output-gate projections and the second, widening
+# projection of the low-rank key gate split by heads; the first, low-rank one replicated; the short
+# convolutions split by channels like the projections feeding them; o by rows. fla's GatedMLP as the
+# Llama MLP, its fused SwiGLU+down-projection ("swiglu_linear") on this rank's columns.
+FLA_GLA_LAYER_PLAN = {
+    "attn.q_proj": "colwise",
+    "attn.k_proj": "colwise",
+    "attn.v_proj": "colwise",
+    "attn.g_proj": "colwise",
+    "attn.gk_proj.0": "replicate",
+    "attn.gk_proj.1": "colwise",
+    "attn.q_conv1d": "channels",
+    "attn.k_conv1d": "channels",
+    "attn.v_conv1d": "channels",
+    "attn.o_proj": "rowwise",
+    "mlp.gate_proj": "colwise",
+    "mlp.up_proj": "colwise",
+    "mlp.down_proj": "rowwise",
+    "mlp.swiglu_linear": "swiglu_linear",
+}
+
+
+def _fla_intermediate_size(model_config: Any) -> int | None:
+    """The width of fla's GatedMLP when the config leaves it to the formula in ``fla.modules.GatedMLP``."""
+    hidden, ratio = getattr(model_config, "hidden_size", None), getattr(model_config, "hidden_ratio", None)
+    if hidden is None:
+        return None
+    width = int(hidden * (ratio or 4) * 2 / 3)
+    return 256 * ((width + 255) // 256)
+
+
 def check_tp_divisibility(model_config: Any, tp: int) -> list[str]:
     """Problems that make ``tp`` impossible for this config (heads, KV heads, MLP width)."""
     problems = []
-    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        value = getattr(model_config, name, None)
+    values = {
+        name: getattr(model_config, name, None)
+        for name in ("num_attention_heads", "num_key_value_heads", "num_heads", "num_kv_heads", "intermediate_size")
+    }
+    if "num_heads" in vars(model_config) and values["intermediate_size"] is None:  # an fla config
+        values["intermediate_size"] = _fla_intermediate_size(model_config)
+    for name, value in values.items():
         if value is not None and value % tp:
             problems.append(
                 f"--training.tensor_parallel_degree {tp}: the model's {name} ({value}) is not divisible by it"
@@ -95,8 +131,28 @@ def _is_norm(module: nn.Module) -> bool:
     return "Norm" in type(module).__name__ and any(True for _ in module.parameters(recurse=False))
 
 
-def _residual_norm(module: nn.Module, mesh: DeviceMesh, sequence_parallel: bool) -> None:
-    if sequence_parallel:
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _replicate_module(module: nn.Module, mesh: DeviceMesh) -> None:
+    """Replicated parameters, computed on DTensors (inputs arrive as replicated DTensors)."""
+
+    def partition(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
+        for key, param in list(mod.named_parameters(recurse=False)):
+            mod.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh, [Replicate()])))
+
+    distribute_module(module, mesh, partition)
+
+
+def _residual_norm(module: nn.Module, mesh: DeviceMesh, sequence_parallel: bool, local_kernels: bool = False) -> None:
+    if local_kernels:  # on the sequence shard: the weight's gradient is summed over the ranks
+        _run_locally(module, mesh, Replicate(), Partial() if sequence_parallel else Replicate())
+    elif sequence_parallel:
         parallelize_module(module, mesh, SequenceParallel(use_local_output=True))
     else:
         _replicate_norm(module, mesh, inside_block=False)
@@ -135,6 +191,67 @@ def _pass_position_ids(decoder: nn.Module) -> None:
     decoder.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+class _SwapParameters:
+    """Within the block, ``module``'s parameters read as the given tensors (e.g. their local shards)."""
+
+    def __init__(self, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        self.module, self.tensors = module, tensors
+        self.saved: dict[str, Any] = {}
+
+    def __enter__(self) -> None:
+        for name, tensor in self.tensors.items():
+            self.saved[name] = self.module._parameters[name]
+            self.module._parameters[name] = tensor  # type: ignore[assignment]
+
+    def __exit__(self, *exc: object) -> None:
+        self.module._parameters.update(self.saved)
+
+
+def _run_locally(module: nn.Module, mesh: DeviceMesh, placement: Any, grad_placement: Any) -> None:
+    """Make ``module``'s parameters DTensors (``placement``) but run its forward on plain local tensors.
+
+    For modules whose forward calls kernels that take no DTensor (fla's Triton norms and convolutions):
+    the inputs are already this rank's part (a sequence shard, this rank's heads or channels), and each
+    parameter enters the forward as its local tensor, whose gradient is declared ``grad_placement``:
+    ``Partial()`` for a replicated weight applied to different data on every rank (the gradients are
+    summed over the ranks), the parameter's own placement otherwise."""
+
+    def partition(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
+        for key, param in list(mod.named_parameters(recurse=False)):
+            mod.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh, [placement])))
+
+    distribute_module(module, mesh, partition)
+    forward = module.forward
+
+    def local_forward(*args: Any, **kwargs: Any) -> Any:
+        args = tuple(a.to_local() if isinstance(a, DTensor) else a for a in args)
+        kwargs = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in kwargs.items()}
+        params = {
+            name: p.to_local(grad_placements=[grad_placement]) if isinstance(p, DTensor) else p
+            for name, p in module._parameters.items()
+            if p is not None
+        }
+        with _SwapParameters(module, params):
+            return forward(*args, **kwargs)
+
+    module.forward = local_forward  # type: ignore[method-assign]
+
+
+def _swiglu_linear_on_shards(module: nn.Module, mesh: DeviceMesh, output: Any) -> None:
+    """fla's fused ``swiglu_linear(gate, up, down_weight, bias)`` on this rank's columns: the partial sums
+    of the down projection are reduced (to ``output``: the sequence shard or the replicated stream)."""
+    forward = module.forward
+
+    def sharded_forward(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        if bias is not None:
+            raise ConfigError("tensor parallelism: fla's fused SwiGLU with a down-projection bias has no plan")
+        local_weight = weight.to_local() if isinstance(weight, DTensor) else weight
+        partial = forward(x, y, local_weight, None)
+        return DTensor.from_local(partial, mesh, [Partial()], run_check=False).redistribute(mesh, [output]).to_local()
+
+    module.forward = sharded_forward  # type: ignore[method-assign]
+
+
 def apply_tensor_parallel(
     model: PreTrainedModel,
     layers: list[nn.Module],
@@ -142,23 +259,43 @@ def apply_tensor_parallel(
     mesh: DeviceMesh,
     loss_parallel: bool,
     sequence_parallel: bool = True,
+    local_kernels: bool = False,
 ) -> None:
     """Split every decoder layer by ``layer_plan``, the embedding by vocabulary rows and the output head
     by vocabulary columns; with ``sequence_parallel`` shard the residual stream over the sequence between
-    the blocks (see the module docstring); replicate the other norms."""
+    the blocks (see the module docstring); replicate the other norms.
+
+    Plan styles: "colwise", "rowwise", "replicate" (a small projection every rank computes whole),
+    "channels" (a depthwise convolution split by channels, run on the local channels) and
+    "swiglu_linear" (fla's fused SwiGLU + down projection). Entries naming no submodule of a layer are
+    skipped (optional parts such as short convolutions); every parameter must end up covered.
+    ``local_kernels``: the family's norms call kernels that take plain tensors (fla), so they run on
+    local tensors (``_run_locally``) instead of DTensors."""
     seq = Shard(1) if sequence_parallel else Replicate()
     for layer in layers:
+        present = {name: style for name, style in layer_plan.items() if _has_submodule(layer, name)}
         plan: dict[str, Any] = {}
-        for name, style in layer_plan.items():
-            plan[name] = ColwiseParallel() if style == "colwise" else RowwiseParallel(output_layouts=seq)
+        for name, style in present.items():
+            if style == "colwise":
+                plan[name] = ColwiseParallel()
+            elif style == "rowwise":
+                plan[name] = RowwiseParallel(output_layouts=seq)
+            elif style == "replicate":
+                _replicate_module(layer.get_submodule(name), mesh)
+            elif style == "channels":
+                _run_locally(layer.get_submodule(name), mesh, Shard(0), Shard(0))
+            elif style == "swiglu_linear":
+                _swiglu_linear_on_shards(layer.get_submodule(name), mesh, seq)
+            else:
+                raise ValueError(f"unknown tensor-parallel style {style!r} for {name}")
         parallelize_module(layer, mesh, plan)
         # Norms directly on the residual stream (pre- and post-norms) work on the sequence shard.
         for child in layer.children():
             if _is_norm(child):
-                _residual_norm(child, mesh, sequence_parallel)
+                _residual_norm(child, mesh, sequence_parallel, local_kernels)
         if sequence_parallel:
             # Blocks holding column-wise projections all-gather their input on entry.
-            for block in {name.rsplit(".", 1)[0] for name, style in layer_plan.items() if style == "colwise"}:
+            for block in {name.rsplit(".", 1)[0] for name, style in present.items() if style == "colwise"}:
                 _gather_sequence_on_entry(layer.get_submodule(block), mesh)
     # A pipeline stage may own neither (middle stages) or only one of them.
     embedding = model.get_input_embeddings()
@@ -174,7 +311,7 @@ def apply_tensor_parallel(
             _pass_position_ids(decoder)
     final_norm = getattr(getattr(model, getattr(model, "base_model_prefix", "model"), None), "norm", None)
     if isinstance(final_norm, nn.Module):
-        _residual_norm(final_norm, mesh, sequence_parallel)
+        _residual_norm(final_norm, mesh, sequence_parallel, local_kernels)
     if head is not None:
         head_style = (
             ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)
@@ -184,7 +321,10 @@ def apply_tensor_parallel(
         parallelize_module(head, mesh, head_style)
     for module in model.modules():  # the norms inside the blocks
         if _is_norm(module) and any(not isinstance(p, DTensor) for p in module.parameters(recurse=False)):
-            _replicate_norm(module, mesh, inside_block=True)
+            if local_kernels:  # on this rank's heads: the weight's gradient is summed over the ranks
+                _run_locally(module, mesh, Replicate(), Partial())
+            else:
+                _replicate_norm(module, mesh, inside_block=True)
     leftover = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
     if leftover:
         raise ConfigError(f"tensor parallelism: no plan covers these parameters: {leftover[:4]}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +87,39 @@ def test_packed_logits_equal_each_document_alone(attn, tiny_llama, tmp_path, byt
                 count += 1
         # position_ids alone do not isolate documents: the same batch without the mask differs
         leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    assert count > 4
+    assert worst <= 1e-5
+    assert (leaky - packed).abs().max().item() > 1e-2
+
+
+def test_gla_packed_logits_equal_each_document_alone(tmp_path, byte_tok, make_training, helpers):
+    """fla's GLA on flame's CPU path with the "fla" route (cu_seqlens on the flattened batch): the
+    recurrent state and the short convolutions restart at every document."""
+    from transformers import AutoModelForCausalLM
+
+    from flame.models.adapters import adapter_for
+    from flame.models.build import load_model_config
+    from tests.parallel.test_fla_parallel import GLA_TINY
+
+    path = tmp_path / "gla.json"
+    path.write_text(json.dumps(GLA_TINY))
+    config = load_model_config(str(path))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    adapter = adapter_for("gla").with_model(model)
+    docs = [("abcdefghij" * 5)[: 4 + 7 * i] for i in range(12)]
+    data = helpers.write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in docs])
+    cfg = make_training(dataset=[data], varlen=True, seq_len=64, context_len=24, batch_size=2)
+    batch = helpers.take(build_dataloader(cfg, byte_tok), 1)[0]
+    with torch.no_grad():
+        packed = model(**adapter.model_inputs(batch, torch.device("cpu"))).logits.view(2, 64, -1)
+        worst, count = 0.0, 0
+        for r in range(2):
+            for a, b in _segments(batch["position_ids"][r]):
+                alone = model(input_ids=batch["input_ids"][r : r + 1, a:b]).logits[0]
+                worst = max(worst, (alone - packed[r, a:b]).abs().max().item())
+                count += 1
+        leaky = model(input_ids=batch["input_ids"]).logits
     assert count > 4
     assert worst <= 1e-5
     assert (leaky - packed).abs().max().item() > 1e-2

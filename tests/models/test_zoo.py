@@ -1,8 +1,9 @@
 """The model zoo (configs/models/*.json): every config loads, builds, and is the size its name says.
 
-Families that train on CPU (transformers' Llama, Qwen2 and Mistral, and the Ember example) train a
-few steps here at a tiny size; fla's families run Triton kernels and train in the GPU tests only
-(``-m gpu`` on a machine with CUDA), while here they must fail with a clear message.
+Families that train on CPU (transformers' Llama, Qwen2 and Mistral, the Ember example, and fla's GLA
+through flame's PyTorch path) train a few steps here at a tiny size; fla's other families run Triton
+kernels only and train in the GPU tests (``-m gpu`` on a machine with CUDA), while here they must fail
+with a clear message.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from flame.config.errors import ConfigError
 from flame.models.adapters import FLA_MODEL_TYPES, adapter_for
 from flame.models.build import build_meta_model, import_custom_models, load_model_config
+from flame.models.fla_reference import REFERENCE_FAMILIES as FLA_REFERENCE_FAMILIES
 from tests.checkpoint.conftest import train_here
 from tests.helpers import ROOT
 
@@ -59,7 +61,8 @@ def test_config_builds_and_matches_its_size(path, flash_attn_stub):
     assert len(family.layers(model)) == config.num_hidden_layers
     if config.model_type in FLA_ZOO_FAMILIES:  # fla's implementation, also where transformers has a namesake
         assert type(model).__module__.startswith("fla."), type(model)
-        assert family.registered_by == "fla" and family.device_types == ("cuda",)
+        cpu_path = config.model_type in FLA_REFERENCE_FAMILIES
+        assert family.registered_by == "fla" and family.device_types == (("cpu", "cuda") if cpu_path else ("cuda",))
 
 
 def test_fla_adapters_cover_exactly_the_types_fla_registers():
@@ -74,8 +77,8 @@ def test_fla_adapters_cover_exactly_the_types_fla_registers():
 def test_fla_family_on_cpu_is_a_config_error(run_flags, tmp_path):
     from tests.checkpoint.conftest import build_trainer
 
-    config = tiny_config("gla", tmp_path)
-    with pytest.raises(ConfigError, match=r"model family 'gla' trains on cuda only .* not on cpu"):
+    config = tiny_config("delta_net", tmp_path)
+    with pytest.raises(ConfigError, match=r"model family 'delta_net' trains on cuda only .* not on cpu"):
         build_trainer(run_flags(tmp_path / "run", model__config=config))
 
 
@@ -114,7 +117,7 @@ def train_a_few_steps(model_type: str, run_flags, tmp_path, **overrides) -> list
     return records
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "mistral", "ember"])
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral", "ember", "gla"])
 def test_cpu_family_trains(model_type, run_flags, tmp_path):
     train_a_few_steps(model_type, run_flags, tmp_path)
 

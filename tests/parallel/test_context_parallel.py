@@ -58,8 +58,15 @@ def test_validation_names_every_context_parallel_problem(tmp_path):
     with pytest.raises(ConfigError, match="each context-parallel rank holds 34 tokens"):
         validate(config, world_size=8)
 
-    with pytest.raises(ConfigError, match="fla model family 'gla' has no context-parallel path"):
-        validate(_config(tmp_path, "models/gla_340m.json"), world_size=2, device_type="cuda")
+    with pytest.raises(ConfigError, match=r"fla model family 'delta_net' has no context-parallel path.*: gla"):
+        validate(_config(tmp_path, "models/delta_net_340m.json"), world_size=2, device_type="cuda")
+    validate(_config(tmp_path, "models/gla_340m.json"), world_size=2, device_type="cuda")  # state passing
+    config = _config(tmp_path, "models/gla_340m.json", context_parallel_rotate_method="alltoall")
+    config.training.varlen = True
+    with pytest.raises(ConfigError) as e:
+        validate(config, world_size=2, device_type="cuda")
+    assert "fla models pass recurrent states between the chunks" in str(e.value)
+    assert "--training.varlen with --experimental.context_parallel_degree 2" in str(e.value)
     with pytest.raises(ConfigError, match="model family 'ember' is not known to route its attention"):
         validate(_config(tmp_path, "models/ember_5m.json"), world_size=2)
 

@@ -1,0 +1,236 @@
+"""A pure-PyTorch path for flash-linear-attention (fla) models on the CPU.
+
+fla 0.6.0 runs its layers only as Triton kernels, which need a GPU. For the families listed in
+``REFERENCE_FAMILIES`` flame supplies PyTorch implementations of the pieces those layers call — the
+gated-linear-attention recurrence (chunked, exact), fla's fused RMSNorm and gated RMSNorm, its short
+causal convolution and its SwiGLU — and installs them behind a device check: tensors on the CPU take
+the PyTorch code, tensors on a GPU take fla's kernels unchanged. So a GLA model trains on a laptop
+(slowly: these are references, not kernels), and tensor and context parallelism of fla layers are
+checked here with real processes on gloo.
+
+``install()`` is called when flame imports fla (``flame.models.build.import_family``); it is
+idempotent and changes nothing for CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# fla model types whose every layer has a CPU path here.
+REFERENCE_FAMILIES = ("gla",)
+
+_INSTALLED = False
+
+
+# --------------------------------------------------------------------------------------------- GLA
+def _gla_chunk(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float, h: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence batch ``[B, T, H, *]`` of gated linear attention from state ``h`` ``[B, H, K, V]``.
+
+    Recurrence: ``h_t = diag(exp(g_t)) h_{t-1} + k_t v_t^T``, ``o_t = scale * q_t^T h_t``; computed
+    chunk by chunk with the cumulative log-gates, exact up to float rounding (fp32 inside)."""
+    dtype = q.dtype
+    q, k, v, g = (x.float().transpose(1, 2) for x in (q, k, v, g))  # [B, H, T, *]
+    h = h.float()
+    T = q.shape[2]
+    outputs = []
+    for start in range(0, T, chunk):
+        qc, kc, vc, gc = (x[:, :, start : start + chunk] for x in (q, k, v, g))
+        G = gc.cumsum(2)  # [B, H, C, K] log-decay from the chunk start up to and including t
+        C = G.shape[2]
+        # inter-chunk: what the carried state contributes to every position of the chunk
+        o = torch.einsum("bhck,bhkv->bhcv", qc * G.exp() * scale, h)
+        # intra-chunk: sum over j <= i of (q_i * k_j * exp(G_i - G_j)) v_j, masked before exp
+        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        diff = G[:, :, :, None, :] - G[:, :, None, :, :]  # [B, H, C(i), C(j), K]
+        diff = diff.masked_fill(~causal[None, None, :, :, None], float("-inf"))
+        scores = torch.einsum("bhik,bhjk,bhijk->bhij", qc * scale, kc, diff.exp())
+        o = o + scores @ vc
+        outputs.append(o)
+        last = G[:, :, -1:, :]  # [B, H, 1, K]
+        h = h * last.squeeze(2).exp()[..., None] + torch.einsum("bhck,bhcv->bhkv", kc * (last - G).exp(), vc)
+    return torch.cat(outputs, 2).transpose(1, 2).to(dtype), h
+
+
+def gla_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    gk: torch.Tensor | None = None,
+    gv: torch.Tensor | None = None,
+    reverse: bool = False,
+    chunk_size: int = 64,
+    **unused: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fla's ``chunk_gla`` / ``fused_recurrent_gla`` in PyTorch: inputs ``[B, T, H, K|V]``, log-gates ``g``
+    (or ``gk``) like ``k``; ``initial_state`` ``[N, H, K, V]`` (``[N, H, V, K]`` with ``state_v_first``);
+    ``cu_seqlens`` for documents packed in one row (``B == 1``). Returns ``(o, final_state or None)``."""
+    g = gk if g is None else g
+    if g is None or gv is not None or reverse:
+        raise ValueError("the CPU path of fla's GLA takes key gates only (no gv, no reverse)")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    bounds = (
+        [(0, q.shape[1])]
+        if cu_seqlens is None
+        else list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True))
+    )
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"cu_seqlens needs a batch of one row, got {B}")
+    h0 = initial_state
+    if h0 is not None and state_v_first:
+        h0 = h0.transpose(-1, -2)
+    outputs, finals = [], []
+    for n, (start, end) in enumerate(bounds):
+        rows = slice(n, n + 1) if cu_seqlens is not None else slice(None)
+        h = h0[rows] if h0 is not None else q.new_zeros(q.shape[0] if cu_seqlens is None else 1, H, K, V)
+        piece = slice(start, end)
+        o, h = _gla_chunk(q[:, piece], k[:, piece], v[:, piece], g[:, piece], scale, h, chunk_size)
+        outputs.append(o)
+        finals.append(h)
+    o = torch.cat(outputs, 1)
+    if not output_final_state:
+        return o, None
+    final = torch.cat(finals, 0)
+    return o, final.transpose(-1, -2) if state_v_first else final
+
+
+# ------------------------------------------------------------------------------------ fla modules
+def _rms(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y
+
+
+def _add_residual(x: torch.Tensor, residual: torch.Tensor | None, in_fp32: bool) -> torch.Tensor:
+    if residual is None:
+        return x.float() if in_fp32 else x
+    return x.float() + residual.float() if in_fp32 else x + residual
+
+
+def rms_norm_forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+    """``fla.modules.RMSNorm.forward`` in PyTorch (optionally adding ``residual`` first; ``prenorm``
+    also returns the sum)."""
+    summed = _add_residual(x, residual, residual_in_fp32)
+    y = _rms(summed, self.weight, self.bias, self.eps).to(x.dtype)
+    return (y, summed) if prenorm else y
+
+
+def rms_norm_gated_forward(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
+    """``fla.modules.FusedRMSNormGated.forward`` in PyTorch: ``rmsnorm(x) * act(g)``."""
+    summed = _add_residual(x, residual, residual_in_fp32)
+    y = _rms(summed, self.weight, self.bias, self.eps)
+    gate = g.float()
+    y = y * (torch.sigmoid(gate) if self.activation == "sigmoid" else F.silu(gate))
+    y = y.to(x.dtype)
+    return (y, summed) if prenorm else y
+
+
+def short_convolution_forward(
+    self, x, residual=None, mask=None, cache=None, output_final_state=False, cu_seqlens=None, **_: Any
+):
+    """``fla.modules.ShortConvolution.forward`` in PyTorch: a depthwise causal convolution over ``[B, T, D]``
+    per document (``cu_seqlens``), optionally continuing from ``cache`` ``[N, D, W]``; returns ``(y, cache)``."""
+    width = self.kernel_size[0]
+    if mask is not None:
+        x = x * mask[..., None]
+    bounds = (
+        [(0, x.shape[1])]
+        if cu_seqlens is None
+        else list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True))
+    )
+    outputs, states = [], []
+    for n, (start, end) in enumerate(bounds):
+        seg = x[:, start:end].transpose(1, 2)  # [B, D, T]
+        if cu_seqlens is not None:
+            past = cache[n : n + 1, :, 1:] if cache is not None else seg.new_zeros(1, seg.shape[1], width - 1)
+        else:
+            past = cache[:, :, 1:] if cache is not None else seg.new_zeros(seg.shape[0], seg.shape[1], width - 1)
+        extended = torch.cat([past.to(seg.dtype), seg], 2)
+        y = F.conv1d(extended, self.weight, self.bias, groups=self.weight.shape[0])
+        if self.activation in ("silu", "swish"):
+            y = F.silu(y)
+        outputs.append(y.transpose(1, 2))
+        states.append(
+            extended[:, :, -width:] if extended.shape[2] >= width else F.pad(extended, (width - extended.shape[2], 0))
+        )
+    y = torch.cat(outputs, 1)
+    if residual is not None:
+        y = y + residual
+    return y, (torch.cat(states, 0) if output_final_state else None)
+
+
+def swiglu_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.silu(x.float()).to(x.dtype) * y
+
+
+def swiglu_linear_reference(x, y, weight, bias):
+    return F.linear(swiglu_reference(x, y), weight, bias)
+
+
+# ------------------------------------------------------------------------------------ installation
+def _on_cpu(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.device.type == "cpu"
+
+
+def _dispatch(original: Callable, reference: Callable, first_tensor: Callable[..., Any]) -> Callable:
+    """``reference`` for CPU tensors, ``original`` (fla's kernel) otherwise."""
+
+    @functools.wraps(original)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if _on_cpu(first_tensor(*args, **kwargs)):
+            return reference(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    call.__flame_reference__ = True  # type: ignore[attr-defined]
+    return call
+
+
+def _op_input(*args: Any, **kwargs: Any) -> Any:
+    return args[0] if args else kwargs.get("q")
+
+
+def _method_input(self: Any, *args: Any, **kwargs: Any) -> Any:
+    return args[0] if args else kwargs.get("x")
+
+
+def _patch(owner: Any, name: str, reference: Callable, first_tensor: Callable[..., Any]) -> None:
+    original = getattr(owner, name)
+    if getattr(original, "__flame_reference__", False):
+        return
+    setattr(owner, name, _dispatch(original, reference, first_tensor))
+
+
+def install() -> None:
+    """Route fla's kernels for CPU tensors to the PyTorch references above (idempotent)."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    gla_layer = importlib.import_module("fla.layers.gla")
+    modules = importlib.import_module("fla.modules")
+    mlp = importlib.import_module("fla.modules.mlp")
+    for name in ("chunk_gla", "fused_recurrent_gla"):
+        _patch(gla_layer, name, gla_reference, _op_input)
+    _patch(modules.RMSNorm, "forward", rms_norm_forward, _method_input)
+    _patch(modules.FusedRMSNormGated, "forward", rms_norm_gated_forward, _method_input)
+    _patch(modules.ShortConvolution, "forward", short_convolution_forward, _method_input)
+    _patch(mlp, "swiglu", swiglu_reference, lambda *a, **k: a[0] if a else k.get("x"))
+    _patch(mlp, "swiglu_linear", swiglu_linear_reference, lambda *a, **k: a[0] if a else k.get("x"))
+    _INSTALLED = True

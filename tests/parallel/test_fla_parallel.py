@@ -1,0 +1,137 @@
+"""fla families on the CPU path (flame/models/fla_reference.py): one process, and tensor/context
+parallelism against it with real torchrun processes on gloo.
+
+The CPU path swaps fla's Triton kernels for PyTorch (exact up to rounding); the parallel plans around
+them are the ones that run on the GPU with fla's kernels. Tolerances as in test_layouts.py: losses
+within 1e-5, gradient norms within 1e-4 relative (fp32).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import read_metrics, torchrun, train
+from tests.parallel.test_layouts import STEPS, assert_same
+
+# Every optional part of fla's GLA layer that has a TP style: short convolutions, the output gate with
+# the fused gated norm, the low-rank key gate, fused residual norms and fused SwiGLU.
+GLA_TINY = {
+    "model_type": "gla", "num_hidden_layers": 2, "vocab_size": 257, "tie_word_embeddings": False,
+    "hidden_size": 64, "num_heads": 4, "expand_k": 0.5, "expand_v": 1, "use_short_conv": True,
+    "conv_size": 4, "fuse_norm": True, "fuse_swiglu": True, "use_output_gate": True,
+    # larger than fla's default 0.02, so that attention over earlier tokens visibly moves the logits
+    "initializer_range": 0.2,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gla_tiny(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("gla") / "gla_tiny.json"
+    path.write_text(json.dumps(GLA_TINY))
+    return str(path)
+
+
+def test_gla_reference_matches_fla_naive_recurrence():
+    """The chunked PyTorch GLA equals fla's own step-by-step reference (fla.ops.gla.naive), with an
+    initial state, and per document with cu_seqlens."""
+    from fla.ops.gla.naive import naive_recurrent_gla
+
+    from flame.models.fla_reference import gla_reference
+
+    torch.manual_seed(0)
+    B, T, H, K, V = 2, 150, 3, 8, 5
+    q, k, v = torch.randn(B, T, H, K), torch.randn(B, T, H, K), torch.randn(B, T, H, V)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K)) / 4
+    h0 = torch.randn(B, H, K, V)
+    o_ref, h_ref = naive_recurrent_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    o, h = gla_reference(q, k, v, g, initial_state=h0, output_final_state=True, chunk_size=32)
+    assert torch.allclose(o, o_ref, atol=1e-5) and torch.allclose(h, h_ref, atol=1e-5)
+    cu = torch.tensor([0, 40, 100, 150])
+    o, h = gla_reference(*(x[:1] for x in (q, k, v, g)), cu_seqlens=cu, output_final_state=True, state_v_first=True)
+    for n, (start, end) in enumerate([(0, 40), (40, 100), (100, 150)]):
+        o_doc, h_doc = naive_recurrent_gla(*(x[:1, start:end] for x in (q, k, v, g)), output_final_state=True)
+        assert torch.allclose(o[:, start:end], o_doc, atol=1e-5)
+        assert torch.allclose(h[n].transpose(-1, -2), h_doc[0], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def gla_one_process(tmp_path_factory, byte_tokenizer, fixed_docs, gla_tiny) -> list[dict]:
+    """One process, global batch 4, 5 steps (the flags of test_layouts.py's reference, on GLA)."""
+    from tests.conftest import SEQ_LEN
+
+    dump = tmp_path_factory.mktemp("gla_one")
+    train([
+        "--job.dump_folder", str(dump), "--model.config", gla_tiny, "--model.tokenizer_path", byte_tokenizer,
+        "--training.dataset", "json", "--training.data_files", fixed_docs, "--training.seq_len", str(SEQ_LEN),
+        "--training.batch_size", "4", "--training.steps", str(STEPS), "--training.mixed_precision_param", "float32",
+        "--lr_scheduler.warmup_steps", "2", "--optimizer.lr", "3e-3", "--metrics.log_freq", "1",
+    ])  # fmt: skip
+    one = read_metrics(dump)
+    assert one[-1]["loss"] < one[0]["loss"]  # it learns on the CPU path
+    return one
+
+
+@pytest.mark.parametrize(
+    ("nproc", "flags", "expect"),
+    [
+        (2, {"training__tensor_parallel_degree": 2}, "tensor parallel: degree 2"),
+        (2, {"training__tensor_parallel_degree": 2, "training__disable_loss_parallel": "true"}, "loss parallel False"),
+        (2, {"experimental__context_parallel_degree": 2}, "attention path state_passing"),
+        (4, {"training__tensor_parallel_degree": 2, "experimental__context_parallel_degree": 2}, "path state_passing"),
+        (4, {"training__tensor_parallel_degree": 2, "training__data_parallel_shard_degree": 2}, "degree 2"),
+    ],
+    ids=["tp2", "tp2-no-loss-parallel", "cp2", "tp2xcp2", "fsdp2xtp2"],
+)
+def test_gla_layout_matches_one_process(gla_one_process, train_args, gla_tiny, tmp_path, nproc, flags, expect):
+    """Sequences of 32 tokens: CP x2 cuts them into 4 chunks of 8, so every state and convolution halo
+    crosses ranks and chunk boundaries (the first layer's short convolution needs 3 tokens before each)."""
+    tp, cp = (
+        int(flags.get(f, 1)) for f in ("training__tensor_parallel_degree", "experimental__context_parallel_degree")
+    )
+    dp = nproc // (tp * cp)
+    args = train_args("many", model__config=gla_tiny, training__steps=STEPS, training__batch_size=4 // dp, **flags)
+    proc = torchrun(nproc, args)
+    assert expect in proc.stdout
+    assert_same(gla_one_process, read_metrics(tmp_path / "many"))
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_gla_state_passing_equals_the_whole_sequence_under_torchrun(nproc):
+    """Op level: the CP-wrapped GLA recurrence and short convolution on each rank's chunks give the
+    outputs and input gradients of the unsharded sequence within 1e-5 (2 and 3 ranks: 4 and 6 chunks)."""
+    proc = torchrun(nproc, [], module="tests.parallel.fla_cp_check")
+    assert "FLA CP OK" in proc.stdout, proc.stdout
+    assert proc.stdout.count('"ok": true') == 2 * nproc
+
+
+@pytest.mark.gpu
+def test_cpu_path_equals_fla_kernels_on_gpu(tmp_path):
+    """On CUDA (the device machine): the same GLA model on the GPU (fla's Triton kernels) and on the CPU
+    (flame's PyTorch path) gives the same logits and gradients, fp32 (Triton may use tf32: 2e-2)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from flame.models.build import import_family, load_model_config
+
+    import_family("gla")
+    path = tmp_path / "gla.json"  # head dims of 32/64: Triton's dot products need at least 16
+    path.write_text(json.dumps({**GLA_TINY, "hidden_size": 256, "initializer_range": 0.02}))
+    config = load_model_config(str(path))
+    torch.manual_seed(0)
+    cpu = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    gpu = copy.deepcopy(cpu).cuda()
+    tokens = torch.randint(0, config.vocab_size, (2, 128))
+    logits_cpu = cpu(input_ids=tokens).logits
+    logits_gpu = gpu(input_ids=tokens.cuda()).logits
+    assert (logits_cpu - logits_gpu.cpu()).abs().max().item() < 2e-2
+    logits_cpu.float().pow(2).mean().backward()
+    logits_gpu.float().pow(2).mean().backward()
+    for (name, a), b in zip(cpu.named_parameters(), gpu.parameters(), strict=True):
+        scale = a.grad.abs().max().item() + 1e-6
+        assert (a.grad - b.grad.cpu()).abs().max().item() / scale < 2e-2, name
