@@ -216,3 +216,43 @@ def test_kill_during_a_save_resumes_from_the_newest_complete_checkpoint(referenc
     same_records(reference["records"], resumed)  # steps 5..10 retrained from step 4, exactly
     assert steps_on_disk(dump / "checkpoint") == {f"step-{s}": True for s in (2, 4, 6, 8, 10)}
     assert read_metrics(dump)[-1]["step"] == 10
+
+
+def _optimizers(lr: float, betas: tuple[float, float], patterns: list[tuple[str, float]] | None = None):
+    from torchtitan.components.optimizer import OptimizersContainer
+    from torchtitan.components.optimizer.optimizer import ParamGroupConfig
+
+    from flame.components.optimizer import Optimizers
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    groups = [
+        ParamGroupConfig(pattern=p, optimizer_name="AdamW", optimizer_kwargs={"lr": group_lr, "betas": betas})
+        for p, group_lr in (patterns or [(r".*", lr)])
+    ]
+    optimizers = Optimizers(OptimizersContainer.Config(param_groups=groups), model_parts=[model])
+    model(torch.randn(2, 4)).sum().backward()
+    optimizers.step()
+    return model, optimizers
+
+
+def test_optimizer_checkpoint_stores_shared_hyper_parameters_once():
+    """One ``param_groups.all`` entry instead of eleven per parameter tensor; loading restores the
+    hyper-parameters (tuples too) and the per-parameter state; mixed hyper-parameters keep the
+    per-parameter entries."""
+    from flame.components.optimizer import SHARED_GROUP_KEY
+
+    model, optimizers = _optimizers(1e-3, (0.9, 0.95))
+    state = optimizers.state_dict()
+    assert SHARED_GROUP_KEY in state and not [k for k in state if k.startswith("param_groups.0.")]
+    assert len(state) == 1 + 3 * 4  # exp_avg, exp_avg_sq, step of 4 tensors
+    other, loaded = _optimizers(5e-3, (0.5, 0.6))
+    loaded.load_state_dict(state)
+    group = loaded.optimizers[0].param_groups[0]
+    assert group["lr"] == 1e-3 and group["betas"] == (0.9, 0.95)
+    for a, b in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(optimizers.optimizers[0].state[a]["exp_avg"], loaded.optimizers[0].state[b]["exp_avg"])
+
+    _, mixed = _optimizers(0, (0.9, 0.95), patterns=[(r"^0\.", 1e-3), (r".*", 2e-3)])
+    state = mixed.state_dict()
+    assert SHARED_GROUP_KEY not in state and state["param_groups.1.weight.lr"] == 2e-3
