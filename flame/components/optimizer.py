@@ -28,7 +28,6 @@ from flame.config.schema import JobConfig
 from torchtitan.components.optimizer import LRSchedulersContainer, OptimizersContainer
 from torchtitan.components.optimizer.optimizer import ParamGroupConfig
 
-
 _GROUP_PREFIX = "param_groups."
 SHARED_GROUP_KEY = "param_groups.all"  # the hyper-parameters every parameter shares, as JSON
 

@@ -219,10 +219,10 @@ def test_kill_during_a_save_resumes_from_the_newest_complete_checkpoint(referenc
 
 
 def _optimizers(lr: float, betas: tuple[float, float], patterns: list[tuple[str, float]] | None = None):
+    from flame.components.optimizer import Optimizers
+
     from torchtitan.components.optimizer import OptimizersContainer
     from torchtitan.components.optimizer.optimizer import ParamGroupConfig
-
-    from flame.components.optimizer import Optimizers
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
