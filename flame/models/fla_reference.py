@@ -8,6 +8,8 @@ the PyTorch code, tensors on a GPU take fla's kernels unchanged. So a GLA model 
 (slowly: these are references, not kernels), and tensor and context parallelism of fla layers are
 checked here with real processes on gloo.
 
+Gated DeltaNet's recurrence runs step by step (a loop over the sequence), so keep its CPU runs short.
+
 ``install()`` is called when flame imports fla (``flame.models.build.import_family``); it is
 idempotent and changes nothing for CUDA tensors.
 """
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 # fla model types whose every layer has a CPU path here.
-REFERENCE_FAMILIES = ("gla",)
+REFERENCE_FAMILIES = ("gla", "gated_deltanet")
 
 _INSTALLED = False
 
@@ -109,6 +111,86 @@ def gla_reference(
     return o, final.transpose(-1, -2) if state_v_first else final
 
 
+# ---------------------------------------------------------------------------------- Gated DeltaNet
+def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def _gated_delta_steps(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, h: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, T, H, *]`` fp32 inputs (``q`` already scaled), state ``h`` ``[B, H, K, V]``:
+    ``h <- exp(g_t) h``; ``h <- h + k_t (beta_t (v_t - h^T k_t))^T``; ``o_t = h^T q_t``."""
+    outputs = []
+    for t in range(q.shape[1]):
+        h = h * g[:, t].exp()[..., None, None]
+        error = v[:, t] - torch.einsum("bhk,bhkv->bhv", k[:, t], h)
+        h = h + k[:, t, :, :, None] * (beta[:, t, :, None] * error)[:, :, None, :]
+        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], h))
+    return torch.stack(outputs, 1), h
+
+
+def gated_delta_rule_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    use_gate_in_kernel: bool = False,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    **unused: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fla's ``chunk_gated_delta_rule`` / ``fused_recurrent_gated_delta_rule`` in PyTorch, with the options
+    fla's GatedDeltaNet layer uses: q/k L2 norm, ``beta = sigmoid(b)`` (``2 sigmoid(b)`` with negative
+    eigenvalues), the gate ``-exp(A_log) softplus(a + dt_bias)``, grouped value heads (value head ``j``
+    reads q/k head ``j // (HV / H)``), per-document ``cu_seqlens`` and initial/final states."""
+    dtype = v.dtype
+    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+    if use_qk_l2norm_in_kernel:
+        q, k = _l2norm(q), _l2norm(k)
+    if use_gate_in_kernel:
+        if A_log is None:
+            raise ValueError("use_gate_in_kernel needs A_log")
+        g = -A_log.float().exp() * F.softplus(g + (dt_bias.float() if dt_bias is not None else 0.0))
+    if use_beta_sigmoid_in_kernel:
+        beta = beta.sigmoid() * (2.0 if allow_neg_eigval else 1.0)
+    heads, value_heads = q.shape[2], v.shape[2]
+    if value_heads != heads:
+        q, k = (x.repeat_interleave(value_heads // heads, dim=2) for x in (q, k))
+    q = q * (q.shape[-1] ** -0.5 if scale is None else scale)
+    K, V = q.shape[-1], v.shape[-1]
+    bounds = (
+        [(0, q.shape[1])]
+        if cu_seqlens is None
+        else list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True))
+    )
+    h0 = initial_state.transpose(-1, -2) if initial_state is not None and state_v_first else initial_state
+    outputs, finals = [], []
+    for n, (start, end) in enumerate(bounds):
+        rows = slice(n, n + 1) if cu_seqlens is not None else slice(None)
+        rows_count = 1 if cu_seqlens is not None else q.shape[0]
+        h = h0[rows].float() if h0 is not None else q.new_zeros(rows_count, value_heads, K, V)
+        piece = slice(start, end)
+        o, h = _gated_delta_steps(q[:, piece], k[:, piece], v[:, piece], g[:, piece], beta[:, piece], h)
+        outputs.append(o)
+        finals.append(h)
+    o = torch.cat(outputs, 1).to(dtype)
+    if not output_final_state:
+        return o, None
+    final = torch.cat(finals, 0)
+    return o, final.transpose(-1, -2) if state_v_first else final
+
+
 # ------------------------------------------------------------------------------------ fla modules
 def _rms(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
@@ -177,6 +259,31 @@ def short_convolution_forward(
     return y, (torch.cat(states, 0) if output_final_state else None)
 
 
+def causal_conv1d_reference(
+    x,
+    weight=None,
+    bias=None,
+    residual=None,
+    initial_state=None,
+    output_final_state=False,
+    activation=None,
+    cu_seqlens=None,
+    **unused: Any,
+):
+    """``fla.modules.convolution.causal_conv1d`` in PyTorch (weight ``[D, W]``), as ShortConvolution."""
+    if weight is None:
+        raise ValueError("the CPU path of fla's causal_conv1d needs a weight")
+
+    class _Conv:  # the attributes short_convolution_forward reads
+        kernel_size = (weight.shape[-1],)
+
+    conv = _Conv()
+    conv.weight, conv.bias, conv.activation = weight.unsqueeze(1), bias, activation  # type: ignore[attr-defined]
+    return short_convolution_forward(
+        conv, x, residual=residual, cache=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
+    )
+
+
 def swiglu_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.silu(x.float()).to(x.dtype) * y
 
@@ -224,10 +331,14 @@ def install() -> None:
     if _INSTALLED:
         return
     gla_layer = importlib.import_module("fla.layers.gla")
+    gdn_layer = importlib.import_module("fla.layers.gated_deltanet")
     modules = importlib.import_module("fla.modules")
     mlp = importlib.import_module("fla.modules.mlp")
     for name in ("chunk_gla", "fused_recurrent_gla"):
         _patch(gla_layer, name, gla_reference, _op_input)
+    for name in ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"):
+        _patch(gdn_layer, name, gated_delta_rule_reference, _op_input)
+    _patch(gdn_layer, "causal_conv1d", causal_conv1d_reference, lambda *a, **k: a[0] if a else k.get("x"))
     _patch(modules.RMSNorm, "forward", rms_norm_forward, _method_input)
     _patch(modules.FusedRMSNormGated, "forward", rms_norm_gated_forward, _method_input)
     _patch(modules.ShortConvolution, "forward", short_convolution_forward, _method_input)

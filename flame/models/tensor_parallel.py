@@ -69,6 +69,27 @@ FLA_GLA_LAYER_PLAN = {
 }
 
 
+# fla's Gated DeltaNet layer: q/k/v/output-gate projections and the per-head gate and beta inputs (a, b)
+# split by heads, its per-head decay parameters (A_log, dt_bias: "heads") too, convolutions by channels.
+FLA_GATED_DELTANET_LAYER_PLAN = {
+    "attn": "heads",
+    "attn.q_proj": "colwise",
+    "attn.k_proj": "colwise",
+    "attn.v_proj": "colwise",
+    "attn.a_proj": "colwise",
+    "attn.b_proj": "colwise",
+    "attn.g_proj": "colwise",
+    "attn.q_conv1d": "channels",
+    "attn.k_conv1d": "channels",
+    "attn.v_conv1d": "channels",
+    "attn.o_proj": "rowwise",
+    "mlp.gate_proj": "colwise",
+    "mlp.up_proj": "colwise",
+    "mlp.down_proj": "rowwise",
+    "mlp.swiglu_linear": "swiglu_linear",
+}
+
+
 def _fla_intermediate_size(model_config: Any) -> int | None:
     """The width of fla's GatedMLP when the config leaves it to the formula in ``fla.modules.GatedMLP``."""
     hidden, ratio = getattr(model_config, "hidden_size", None), getattr(model_config, "hidden_ratio", None)
@@ -83,7 +104,14 @@ def check_tp_divisibility(model_config: Any, tp: int) -> list[str]:
     problems = []
     values = {
         name: getattr(model_config, name, None)
-        for name in ("num_attention_heads", "num_key_value_heads", "num_heads", "num_kv_heads", "intermediate_size")
+        for name in (
+            "num_attention_heads",
+            "num_key_value_heads",
+            "num_heads",
+            "num_kv_heads",
+            "num_v_heads",
+            "intermediate_size",
+        )
     }
     if "num_heads" in vars(model_config) and values["intermediate_size"] is None:  # an fla config
         values["intermediate_size"] = _fla_intermediate_size(model_config)
@@ -140,13 +168,22 @@ def _has_submodule(module: nn.Module, name: str) -> bool:
 
 
 def _replicate_module(module: nn.Module, mesh: DeviceMesh) -> None:
-    """Replicated parameters, computed on DTensors (inputs arrive as replicated DTensors)."""
+    """Replicated parameters, computed on DTensors: a plain input (the full, replicated stream when there
+    is no sequence parallelism) becomes a replicated DTensor; the output stays one."""
 
     def partition(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
         for key, param in list(mod.named_parameters(recurse=False)):
             mod.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh, [Replicate()])))
 
-    distribute_module(module, mesh, partition)
+    def to_dtensor(mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+        return tuple(
+            DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+            if isinstance(x, torch.Tensor) and not isinstance(x, DTensor)
+            else x
+            for x in inputs
+        )
+
+    distribute_module(module, mesh, partition, input_fn=to_dtensor)  # type: ignore[arg-type]
 
 
 def _residual_norm(module: nn.Module, mesh: DeviceMesh, sequence_parallel: bool, local_kernels: bool = False) -> None:
@@ -216,11 +253,10 @@ def _run_locally(module: nn.Module, mesh: DeviceMesh, placement: Any, grad_place
     ``Partial()`` for a replicated weight applied to different data on every rank (the gradients are
     summed over the ranks), the parameter's own placement otherwise."""
 
-    def partition(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
-        for key, param in list(mod.named_parameters(recurse=False)):
-            mod.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh, [placement])))
-
-    distribute_module(module, mesh, partition)
+    # The module's own parameters only: its submodules have their own plan (distribute_module would
+    # replicate every parameter it does not partition, submodules' too).
+    for key, param in list(module.named_parameters(recurse=False)):
+        module.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh, [placement])))
     forward = module.forward
 
     def local_forward(*args: Any, **kwargs: Any) -> Any:
@@ -266,7 +302,8 @@ def apply_tensor_parallel(
     the blocks (see the module docstring); replicate the other norms.
 
     Plan styles: "colwise", "rowwise", "replicate" (a small projection every rank computes whole),
-    "channels" (a depthwise convolution split by channels, run on the local channels) and
+    "channels" (a depthwise convolution split by channels, run on the local channels), "heads" (a block's
+    own per-head parameters, split by heads and passed to its kernels as local tensors) and
     "swiglu_linear" (fla's fused SwiGLU + down projection). Entries naming no submodule of a layer are
     skipped (optional parts such as short convolutions); every parameter must end up covered.
     ``local_kernels``: the family's norms call kernels that take plain tensors (fla), so they run on
@@ -282,13 +319,16 @@ def apply_tensor_parallel(
                 plan[name] = RowwiseParallel(output_layouts=seq)
             elif style == "replicate":
                 _replicate_module(layer.get_submodule(name), mesh)
-            elif style == "channels":
+            elif style in ("channels", "heads"):  # depthwise convolutions; per-head parameters of a block
                 _run_locally(layer.get_submodule(name), mesh, Shard(0), Shard(0))
             elif style == "swiglu_linear":
                 _swiglu_linear_on_shards(layer.get_submodule(name), mesh, seq)
             else:
                 raise ValueError(f"unknown tensor-parallel style {style!r} for {name}")
         parallelize_module(layer, mesh, plan)
+        for module in layer.modules():
+            if hasattr(module, "_use_fused_qkv_conv"):  # fla: one conv kernel on concatenated q/k/v weights
+                setattr(module, "_use_fused_qkv_conv", lambda *args, **kwargs: False)  # noqa: B010  (each conv on its own channels)
         # Norms directly on the residual stream (pre- and post-norms) work on the sequence shard.
         for child in layer.children():
             if _is_norm(child):

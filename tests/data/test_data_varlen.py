@@ -92,21 +92,22 @@ def test_packed_logits_equal_each_document_alone(attn, tiny_llama, tmp_path, byt
     assert (leaky - packed).abs().max().item() > 1e-2
 
 
-def test_gla_packed_logits_equal_each_document_alone(tmp_path, byte_tok, make_training, helpers):
-    """fla's GLA on flame's CPU path with the "fla" route (cu_seqlens on the flattened batch): the
-    recurrent state and the short convolutions restart at every document."""
+@pytest.mark.parametrize("family", ["gla", "gated_deltanet"])
+def test_fla_packed_logits_equal_each_document_alone(family, tmp_path, byte_tok, make_training, helpers):
+    """fla's GLA and Gated DeltaNet on flame's CPU path with the "fla" route (cu_seqlens on the flattened
+    batch): the recurrent state and the short convolutions restart at every document."""
     from transformers import AutoModelForCausalLM
 
     from flame.models.adapters import adapter_for
     from flame.models.build import load_model_config
-    from tests.parallel.test_fla_parallel import GLA_TINY
+    from tests.parallel.test_fla_parallel import GDN_TINY, GLA_TINY
 
-    path = tmp_path / "gla.json"
-    path.write_text(json.dumps(GLA_TINY))
+    path = tmp_path / f"{family}.json"
+    path.write_text(json.dumps(GLA_TINY if family == "gla" else GDN_TINY))
     config = load_model_config(str(path))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    adapter = adapter_for("gla").with_model(model)
+    adapter = adapter_for(family).with_model(model)
     docs = [("abcdefghij" * 5)[: 4 + 7 * i] for i in range(12)]
     data = helpers.write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in docs])
     cfg = make_training(dataset=[data], varlen=True, seq_len=64, context_len=24, batch_size=2)

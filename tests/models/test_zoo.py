@@ -117,7 +117,7 @@ def train_a_few_steps(model_type: str, run_flags, tmp_path, **overrides) -> list
     return records
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "mistral", "ember", "gla"])
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral", "ember", "gla", "gated_deltanet"])
 def test_cpu_family_trains(model_type, run_flags, tmp_path):
     train_a_few_steps(model_type, run_flags, tmp_path)
 
