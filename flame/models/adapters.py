@@ -186,7 +186,11 @@ for _model_type in FLA_MODEL_TYPES:
 
 def _register_fla_with_cpu_path() -> None:
     """fla families with a PyTorch path for CPU tensors (flame/models/fla_reference.py) and a TP plan."""
-    from flame.models.tensor_parallel import FLA_GATED_DELTANET_LAYER_PLAN, FLA_GLA_LAYER_PLAN
+    from flame.models.tensor_parallel import (
+        FLA_DELTANET_LAYER_PLAN,
+        FLA_GATED_DELTANET_LAYER_PLAN,
+        FLA_GLA_LAYER_PLAN,
+    )
 
     register_adapter(
         "gla",
@@ -200,16 +204,19 @@ def _register_fla_with_cpu_path() -> None:
             cp_state_passing=True,
         ),
     )
-    register_adapter(
-        "gated_deltanet",
-        ModelAdapter(
-            family="gated_deltanet",
-            registered_by="fla",
-            device_types=("cpu", "cuda"),
-            tp_plan=FLA_GATED_DELTANET_LAYER_PLAN,
-            tp_local_kernels=True,
-        ),
-    )
+    for model_type, plan in (("gated_deltanet", FLA_GATED_DELTANET_LAYER_PLAN), ("delta_net", FLA_DELTANET_LAYER_PLAN)):
+        register_adapter(
+            model_type,
+            ModelAdapter(
+                family=model_type,
+                registered_by="fla",
+                device_types=("cpu", "cuda"),
+                tp_plan=plan,
+                tp_local_kernels=True,
+                context_parallel=True,
+                cp_state_passing=True,
+            ),
+        )
 
 
 _register_fla_with_cpu_path()

@@ -156,7 +156,6 @@ def context_parallel_problems(config: Any, device_type: str) -> list[str]:
 
 def _state_passing_problems(config: Any, cp: int) -> list[str]:
     """What fla's state-passing CP (flame/models/fla_context_parallel.py) cannot do."""
-    import json
 
     t, e = config.training, config.experimental
     problems = []
@@ -171,13 +170,15 @@ def _state_passing_problems(config: Any, cp: int) -> list[str]:
             f"--experimental.context_parallel_rotate_method {e.context_parallel_rotate_method}: fla models pass "
             "recurrent states between the chunks (no K/V rotation); leave it at allgather"
         )
+    from transformers import AutoConfig
+
+    from flame.models.build import _declared_model_type, import_family
+
     try:
-        with open(
-            config.model.config if config.model.config.endswith(".json") else f"{config.model.config}/config.json"
-        ) as f:
-            model = json.load(f)
-    except (OSError, ValueError):
-        return problems
+        import_family(_declared_model_type(config.model.config))
+        model = AutoConfig.from_pretrained(config.model.config).to_dict()
+    except (OSError, ValueError, ConfigError):
+        return problems  # reported with its reason when the model is built
     chunk = t.seq_len // (2 * cp)
     width = int(model.get("conv_size", 4))
     if model.get("use_short_conv") and chunk < width - 1:

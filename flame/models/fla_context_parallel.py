@@ -1,4 +1,4 @@
-"""Context parallelism for fla's gated linear attention: state passing between sequence chunks.
+"""Context parallelism for fla's GLA, Gated DeltaNet and DeltaNet: state passing between sequence chunks.
 
 The sequence layout is the one of ``flame.models.context_parallel`` (2·cp chunks, rank ``i`` holds
 chunks ``i`` and ``2cp-1-i``). Linear attention needs no keys from other ranks, only the recurrent
@@ -16,7 +16,8 @@ scatters), so gradients equal the unsharded ones. The cost is two kernel calls p
 one, and no K/V traffic. Short convolutions before the kernel get the last ``conv_size - 1`` inputs of
 the preceding chunk (a second small all-gather). The same code runs on fla's Triton kernels (CUDA)
 and on flame's PyTorch path (CPU, ``flame/models/fla_reference.py``), which is how it is tested.
-Not covered: packed documents (``--training.varlen``) under CP, and decoding caches.
+Gated DeltaNet's (and DeltaNet's) state map is affine too, with a full matrix instead of a diagonal
+(``gated_delta_state_passing``): one more kernel call per layer gets it. Not covered: packed documents (``--training.varlen``) under CP, and decoding caches.
 """
 
 from __future__ import annotations
@@ -119,6 +120,56 @@ def gla_state_passing(chunk_gla: Callable) -> Callable:
     return call
 
 
+def gated_delta_state_passing(op: Callable) -> Callable:
+    """Wrap fla's (gated) delta rule op (Gated DeltaNet, DeltaNet) for CP. Its chunk state map is affine with a full
+    matrix, ``S_out = P S_in + S0`` (``P``: the product of the chunk's ``exp(g_t) (I - beta_t k_t k_t^T)``),
+    so besides ``S0`` (the chunk from a zero state) each rank gets ``P`` from one more call of the same
+    op, with zero values and the identity as start state (the op is linear in values and state); then
+    fold and rerun as for GLA: three calls per layer."""
+
+    @functools.wraps(op)
+    def call(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        beta: torch.Tensor,
+        g: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        gate = {} if g is None else {"g": g}  # DeltaNet's op has no gate
+        state = _ACTIVE.get()
+        if state is None:
+            return op(q=q, k=k, v=v, beta=beta, **gate, **kwargs)
+        if kwargs.get("initial_state") is not None or kwargs.get("output_final_state"):
+            _refuse("recurrent-state caches (decoding)")
+        if kwargs.get("cu_seqlens") is not None:
+            _refuse("packed documents (cu_seqlens)")
+        kwargs = {**kwargs, "state_v_first": False, "output_final_state": True}
+        batch = q.shape[0]
+        q2, k2, v2, b2 = (_halves(x) for x in (q, k, v, beta))
+        gate = {name: _halves(x) for name, x in gate.items()}
+        _, s0 = op(q=q2, k=k2, v=v2, beta=b2, **gate, **kwargs)  # [2B, HV, K, V]
+        heads, dk, dv = s0.shape[1:]
+        eye = torch.eye(dk, device=q.device, dtype=torch.float32).expand(2 * batch, heads, dk, dk).contiguous()
+        zeros = v2.new_zeros(*v2.shape[:-1], dk)
+        _, transition = op(q=q2, k=k2, v=zeros, beta=b2, **gate, **{**kwargs, "initial_state": eye})  # [2B, HV, K, K]
+        packed = torch.cat([s0.float().flatten(1), transition.float().flatten(1)], 1).view(2, batch, -1)
+        rows = _all_gather(packed, state).flatten(0, 1)
+        by_chunk = {_chunk_of(r, state.degree): rows[r] for r in range(rows.shape[0])}
+        starts, carried = [], s0.new_zeros(batch, heads, dk, dv, dtype=torch.float32)
+        for chunk in range(2 * state.degree):
+            starts.append(carried)
+            s0_c = by_chunk[chunk][:, : heads * dk * dv].view(batch, heads, dk, dv)
+            p_c = by_chunk[chunk][:, heads * dk * dv :].view(batch, heads, dk, dk)
+            carried = p_c @ carried + s0_c
+        h0 = torch.cat([starts[state.rank], starts[2 * state.degree - 1 - state.rank]], 0)
+        o2, _ = op(q=q2, k=k2, v=v2, beta=b2, **gate, **{**kwargs, "initial_state": h0, "output_final_state": False})
+        return _unhalves(o2), None
+
+    call.__flame_context_parallel__ = True  # type: ignore[attr-defined]
+    return call
+
+
 def _conv_with_halo(forward: Callable) -> Callable:
     """Wrap ``ShortConvolution.forward``: inside a CP layer each local chunk is extended by the last
     ``kernel_size - 1`` inputs of the chunk before it (zeros for the first), gathered over the cp axis."""
@@ -172,6 +223,20 @@ def install() -> None:
         wrapped = gla_state_passing(chunk)
         gla_layer.chunk_gla = wrapped
         gla_layer.fused_recurrent_gla = _recurrent_or_cp(gla_layer.fused_recurrent_gla, wrapped)
+    gdn_layer: Any = importlib.import_module("fla.layers.gated_deltanet")
+    chunk = gdn_layer.chunk_gated_delta_rule
+    if not getattr(chunk, "__flame_context_parallel__", False):
+        wrapped = gated_delta_state_passing(chunk)
+        gdn_layer.chunk_gated_delta_rule = wrapped
+        gdn_layer.fused_recurrent_gated_delta_rule = _recurrent_or_cp(
+            gdn_layer.fused_recurrent_gated_delta_rule, wrapped
+        )
+    delta_layer: Any = importlib.import_module("fla.layers.delta_net")
+    chunk = delta_layer.chunk_delta_rule
+    if not getattr(chunk, "__flame_context_parallel__", False):
+        wrapped = gated_delta_state_passing(chunk)
+        delta_layer.chunk_delta_rule = wrapped
+        delta_layer.fused_recurrent_delta_rule = _recurrent_or_cp(delta_layer.fused_recurrent_delta_rule, wrapped)
     conv = modules.ShortConvolution.forward
     if not getattr(conv, "__flame_context_parallel__", False):
         modules.ShortConvolution.forward = _conv_with_halo(conv)
@@ -202,9 +267,12 @@ def _inside_cp(forward: Callable, state: _State) -> Callable:
     return call
 
 
+LINEAR_ATTENTION_CLASSES = ("GatedLinearAttention", "GatedDeltaNet", "DeltaNet")
+
+
 def linear_attention_modules(layer: nn.Module) -> list[nn.Module]:
-    """The fla GLA attention modules of a decoder layer."""
-    return [m for m in layer.modules() if type(m).__name__ == "GatedLinearAttention"]
+    """The fla linear-attention modules (GLA, Gated DeltaNet) of a decoder layer."""
+    return [m for m in layer.modules() if type(m).__name__ in LINEAR_ATTENTION_CLASSES]
 
 
 def apply_fla_context_parallel(model: nn.Module, layers: list[nn.Module], mesh: DeviceMesh) -> None:
@@ -217,8 +285,10 @@ def apply_fla_context_parallel(model: nn.Module, layers: list[nn.Module], mesh: 
         found = linear_attention_modules(layer)
         if len(found) != 1:
             raise ConfigError(
-                f"context parallelism: decoder layer {type(layer).__name__} has {len(found)} GLA attention modules "
-                "(flame's fla state passing expects one)"
+                f"context parallelism: decoder layer {type(layer).__name__} has {len(found)} fla linear-attention "
+                f"modules of {LINEAR_ATTENTION_CLASSES} (flame's state passing expects one)"
             )
         found[0].forward = _inside_cp(found[0].forward, state)  # type: ignore[method-assign]
+        if hasattr(found[0], "_use_fused_qkv_conv"):  # each convolution through ShortConvolution (the halo)
+            setattr(found[0], "_use_fused_qkv_conv", lambda *args, **kwargs: False)  # noqa: B010
     setattr(model, CONTEXT_SHARD_ATTR, (mesh.size(), mesh.get_local_rank()))

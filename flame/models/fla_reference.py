@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 # fla model types whose every layer has a CPU path here.
-REFERENCE_FAMILIES = ("gla", "gated_deltanet")
+REFERENCE_FAMILIES = ("gla", "gated_deltanet", "delta_net")
 
 _INSTALLED = False
 
@@ -191,6 +191,14 @@ def gated_delta_rule_reference(
     return o, final.transpose(-1, -2) if state_v_first else final
 
 
+def delta_rule_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fla's ``chunk_delta_rule`` / ``fused_recurrent_delta_rule`` (DeltaNet): the gated delta rule
+    without a gate; ``beta`` comes in after its sigmoid."""
+    return gated_delta_rule_reference(q, k, v, torch.zeros_like(beta, dtype=torch.float32), beta, **kwargs)
+
+
 # ------------------------------------------------------------------------------------ fla modules
 def _rms(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
@@ -332,12 +340,15 @@ def install() -> None:
         return
     gla_layer = importlib.import_module("fla.layers.gla")
     gdn_layer = importlib.import_module("fla.layers.gated_deltanet")
+    delta_layer = importlib.import_module("fla.layers.delta_net")
     modules = importlib.import_module("fla.modules")
     mlp = importlib.import_module("fla.modules.mlp")
     for name in ("chunk_gla", "fused_recurrent_gla"):
         _patch(gla_layer, name, gla_reference, _op_input)
     for name in ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"):
         _patch(gdn_layer, name, gated_delta_rule_reference, _op_input)
+    for name in ("chunk_delta_rule", "fused_recurrent_delta_rule"):
+        _patch(delta_layer, name, delta_rule_reference, _op_input)
     _patch(gdn_layer, "causal_conv1d", causal_conv1d_reference, lambda *a, **k: a[0] if a else k.get("x"))
     _patch(modules.RMSNorm, "forward", rms_norm_forward, _method_input)
     _patch(modules.FusedRMSNormGated, "forward", rms_norm_gated_forward, _method_input)

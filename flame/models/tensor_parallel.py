@@ -90,6 +90,10 @@ FLA_GATED_DELTANET_LAYER_PLAN = {
 }
 
 
+# fla's DeltaNet layer: as Gated DeltaNet without the per-head decay parameters.
+FLA_DELTANET_LAYER_PLAN = {name: style for name, style in FLA_GATED_DELTANET_LAYER_PLAN.items() if name != "attn"}
+
+
 def _fla_intermediate_size(model_config: Any) -> int | None:
     """The width of fla's GatedMLP when the config leaves it to the formula in ``fla.modules.GatedMLP``."""
     hidden, ratio = getattr(model_config, "hidden_size", None), getattr(model_config, "hidden_ratio", None)

@@ -92,7 +92,7 @@ def test_packed_logits_equal_each_document_alone(attn, tiny_llama, tmp_path, byt
     assert (leaky - packed).abs().max().item() > 1e-2
 
 
-@pytest.mark.parametrize("family", ["gla", "gated_deltanet"])
+@pytest.mark.parametrize("family", ["gla", "gated_deltanet", "delta_net"])
 def test_fla_packed_logits_equal_each_document_alone(family, tmp_path, byte_tok, make_training, helpers):
     """fla's GLA and Gated DeltaNet on flame's CPU path with the "fla" route (cu_seqlens on the flattened
     batch): the recurrent state and the short convolutions restart at every document."""
@@ -103,7 +103,11 @@ def test_fla_packed_logits_equal_each_document_alone(family, tmp_path, byte_tok,
     from tests.parallel.test_fla_parallel import GDN_TINY, GLA_TINY
 
     path = tmp_path / f"{family}.json"
-    path.write_text(json.dumps(GLA_TINY if family == "gla" else GDN_TINY))
+    tiny = {"gla": GLA_TINY, "gated_deltanet": GDN_TINY}.get(family)
+    if tiny is None:  # DeltaNet: Gated DeltaNet's sizes without its gate options
+        tiny = {**GDN_TINY, "model_type": family, "num_v_heads": None, "head_dim": None, "expand_k": 1, "expand_v": 1}
+        tiny = {key: value for key, value in tiny.items() if value is not None}
+    path.write_text(json.dumps(tiny))
     config = load_model_config(str(path))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

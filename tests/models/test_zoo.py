@@ -77,8 +77,8 @@ def test_fla_adapters_cover_exactly_the_types_fla_registers():
 def test_fla_family_on_cpu_is_a_config_error(run_flags, tmp_path):
     from tests.checkpoint.conftest import build_trainer
 
-    config = tiny_config("delta_net", tmp_path)
-    with pytest.raises(ConfigError, match=r"model family 'delta_net' trains on cuda only .* not on cpu"):
+    config = tiny_config("hgrn2", tmp_path)
+    with pytest.raises(ConfigError, match=r"model family 'hgrn2' trains on cuda only .* not on cpu"):
         build_trainer(run_flags(tmp_path / "run", model__config=config))
 
 
@@ -117,7 +117,7 @@ def train_a_few_steps(model_type: str, run_flags, tmp_path, **overrides) -> list
     return records
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "mistral", "ember", "gla", "gated_deltanet"])
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral", "ember", "gla", "gated_deltanet", "delta_net"])
 def test_cpu_family_trains(model_type, run_flags, tmp_path):
     train_a_few_steps(model_type, run_flags, tmp_path)
 

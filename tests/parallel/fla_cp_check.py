@@ -3,8 +3,9 @@ unsharded sequence, at the op level.
 
 Every rank builds the same full inputs and computes the reference over the whole sequence, then runs
 the CP-wrapped op on its load-balanced shard (chunks ``r`` and ``2cp-1-r``) and compares the output
-and the gradients of its shard. Cases: the GLA recurrence (strong gates, so every chunk's start state
-matters) and fla's short convolution (halo from the chunk before). Prints one JSON line per case and
+and the gradients of its shard. Cases: the GLA recurrence (slow decay, so every chunk's start state
+matters), the gated delta rule with fla's in-kernel options and grouped value heads, DeltaNet's delta rule, and fla's short
+convolution (halo from the chunk before). Prints one JSON line per case and
 ``FLA CP OK`` at the end.
 """
 
@@ -60,6 +61,47 @@ def main() -> int:
         fcp._ACTIVE.reset(token)
     (mine * upstream[:, index]).sum().backward()
     results = [compare("gla", [mine, *(t.grad for t in local)], [out, *(t.grad for t in full)], index)]
+
+    import fla.layers.gated_deltanet as gdn_layer
+
+    HQ, HV = 2, 4  # grouped value heads
+    q, k = torch.randn(B, L, HQ, K, generator=gen), torch.randn(B, L, HQ, K, generator=gen)
+    v = torch.randn(B, L, HV, V, generator=gen)
+    a, b = torch.randn(B, L, HV, generator=gen), torch.randn(B, L, HV, generator=gen)
+    A_log, dt_bias = torch.randn(HV, generator=gen) - 2, torch.randn(HV, generator=gen)
+    options = {"use_qk_l2norm_in_kernel": True, "use_beta_sigmoid_in_kernel": True, "allow_neg_eigval": True,
+               "use_gate_in_kernel": True, "A_log": A_log, "dt_bias": dt_bias, "state_v_first": True}  # fmt: skip
+    upstream = torch.randn(B, L, HV, V, generator=gen)
+    full = [t.clone().requires_grad_() for t in (q, k, v, a, b)]
+    out, _ = gdn_layer.chunk_gated_delta_rule(q=full[0], k=full[1], v=full[2], g=full[3], beta=full[4], **options)
+    (out * upstream).sum().backward()
+    local = [t[:, index].clone().requires_grad_() for t in (q, k, v, a, b)]
+    token = fcp._ACTIVE.set(state)
+    try:
+        mine, _ = gdn_layer.chunk_gated_delta_rule(
+            q=local[0], k=local[1], v=local[2], g=local[3], beta=local[4], **options
+        )
+    finally:
+        fcp._ACTIVE.reset(token)
+    (mine * upstream[:, index]).sum().backward()
+    results.append(compare("gated_delta", [mine, *(t.grad for t in local)], [out, *(t.grad for t in full)], index))
+
+    import fla.layers.delta_net as delta_layer
+
+    beta = torch.rand(B, L, HQ, generator=gen)
+    full = [t.clone().requires_grad_() for t in (q, k, v[:, :, :HQ], beta)]
+    out, _ = delta_layer.chunk_delta_rule(q=full[0], k=full[1], v=full[2], beta=full[3], use_qk_l2norm_in_kernel=True)
+    (out * upstream[:, :, :HQ]).sum().backward()
+    local = [t.detach()[:, index].clone().requires_grad_() for t in full]
+    token = fcp._ACTIVE.set(state)
+    try:
+        mine, _ = delta_layer.chunk_delta_rule(
+            q=local[0], k=local[1], v=local[2], beta=local[3], use_qk_l2norm_in_kernel=True
+        )
+    finally:
+        fcp._ACTIVE.reset(token)
+    (mine * upstream[:, index, :HQ]).sum().backward()
+    results.append(compare("delta", [mine, *(t.grad for t in local)], [out, *(t.grad for t in full)], index))
 
     conv = ShortConvolution(hidden_size=6, kernel_size=4, bias=True)
     with torch.no_grad():

@@ -58,8 +58,10 @@ def test_validation_names_every_context_parallel_problem(tmp_path):
     with pytest.raises(ConfigError, match="each context-parallel rank holds 34 tokens"):
         validate(config, world_size=8)
 
-    with pytest.raises(ConfigError, match=r"fla model family 'delta_net' has no context-parallel path.*: gla"):
-        validate(_config(tmp_path, "models/delta_net_340m.json"), world_size=2, device_type="cuda")
+    with pytest.raises(
+        ConfigError, match=r"fla model family 'hgrn2' has no context-parallel path.*: delta_net, gated_deltanet, gla"
+    ):
+        validate(_config(tmp_path, "models/hgrn2_340m.json"), world_size=2, device_type="cuda")
     validate(_config(tmp_path, "models/gla_340m.json"), world_size=2, device_type="cuda")  # state passing
     config = _config(tmp_path, "models/gla_340m.json", context_parallel_rotate_method="alltoall")
     config.training.varlen = True
@@ -107,3 +109,14 @@ def test_ring_attention_on_two_gpus_matches_one_gpu(train_args, tmp_path, rotate
     for a, b in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "cp"), strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * a["loss"], (a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-3 * a["grad_norm"], (a, b)
+
+
+def test_state_passing_chunks_must_hold_the_convolution_halo(tmp_path):
+    """Gated DeltaNet has short convolutions by default (conv_size 4): each of the 2cp chunks must hold the
+    3 tokens the next chunk's convolution reads."""
+    config = _config(tmp_path, "models/gated_deltanet_340m.json")
+    config.training.seq_len = 8  # 2 ranks: 4 chunks of 2 tokens
+    with pytest.raises(ConfigError, match="chunks of 2 tokens are shorter than the model's short convolution"):
+        validate(config, world_size=2)
+    config.training.seq_len = 12
+    validate(config, world_size=2)

@@ -71,6 +71,25 @@ def test_gated_delta_rule_reference_matches_fla_naive_recurrence():
     assert torch.allclose(o, o_ref, atol=1e-5) and torch.allclose(h, h_ref, atol=1e-5)
 
 
+def test_delta_rule_reference_matches_fla_naive_recurrence():
+    """DeltaNet's op (the delta rule without a gate) against fla.ops.delta_rule.naive, with a start state."""
+    from fla.ops.delta_rule.naive import delta_rule_recurrence
+
+    from flame.models.fla_reference import delta_rule_reference
+
+    torch.manual_seed(0)
+    B, T, H, K, V = 2, 30, 3, 8, 6
+    q, k, v = (
+        torch.randn(B, T, H, K),
+        torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1),
+        torch.randn(B, T, H, V),
+    )
+    beta, h0 = torch.rand(B, T, H), torch.randn(B, H, K, V)
+    o, h = delta_rule_reference(q, k, v, beta, initial_state=h0, output_final_state=True)
+    o_ref, h_ref = delta_rule_recurrence(*(x.transpose(1, 2) for x in (q, k, v, beta)), initial_state=h0)
+    assert torch.allclose(o, o_ref.transpose(1, 2), atol=1e-5) and torch.allclose(h, h_ref, atol=1e-5)
+
+
 def test_gla_reference_matches_fla_naive_recurrence():
     """The chunked PyTorch GLA equals fla's own step-by-step reference (fla.ops.gla.naive), with an
     initial state, and per document with cu_seqlens."""
@@ -142,32 +161,61 @@ def gdn_tiny(tmp_path_factory) -> str:
     return str(path)
 
 
-def test_gated_deltanet_tp2_matches_one_process(gdn_tiny, train_args, tmp_path):
-    """Gated DeltaNet's plan (heads split with their A_log/dt_bias, grouped value heads, convolutions by
-    channels instead of the fused three-way kernel) under TP x2 against one process, through the trainer.
+@pytest.fixture(scope="module")
+def gdn_one_process(tmp_path_factory, byte_tokenizer, fixed_docs, gdn_tiny) -> list[dict]:
+    from tests.conftest import SEQ_LEN
 
-    SGD, not AdamW: every parameter's gradient under TP equals one process's within 4e-6 relative
-    (tests/parallel/tp_families.py), but AdamW turns the rounding noise of near-zero gradients into
-    full-size updates (m / sqrt(v)), and this tiny model amplifies them: with AdamW at 3e-3 the grad
-    norms part by 2.6e-4 relative at step 4 (losses still within 1e-6); with SGD by 2e-5 at step 5."""
-    sgd = {"optimizer__name": "SGD", "optimizer__lr": 0.05}
-    train(train_args("one", model__config=gdn_tiny, training__steps=STEPS, **sgd))
-    one = read_metrics(tmp_path / "one")
+    dump = tmp_path_factory.mktemp("gdn_one")
+    train([
+        "--job.dump_folder", str(dump), "--model.config", gdn_tiny, "--model.tokenizer_path", byte_tokenizer,
+        "--training.dataset", "json", "--training.data_files", fixed_docs, "--training.seq_len", str(SEQ_LEN),
+        "--training.batch_size", "4", "--training.steps", str(STEPS), "--training.mixed_precision_param", "float32",
+        "--lr_scheduler.warmup_steps", "2", "--metrics.log_freq", "1", *GDN_SGD,
+    ])  # fmt: skip
+    one = read_metrics(dump)
     assert one[-1]["loss"] < one[0]["loss"]
-    proc = torchrun(
-        2, train_args("two", model__config=gdn_tiny, training__steps=STEPS, training__tensor_parallel_degree=2, **sgd)
+    return one
+
+
+# SGD, not AdamW: every parameter's gradient under TP equals one process's within 4e-6 relative
+# (tests/parallel/tp_families.py), but AdamW turns the rounding noise of near-zero gradients into
+# full-size updates (m / sqrt(v)), and this tiny model amplifies them: with AdamW at 3e-3 the grad norms
+# of TP x2 and one process part by 2.6e-4 relative at step 4 (losses still within 1e-6); with SGD by 2e-5.
+GDN_SGD = ["--optimizer.name", "SGD", "--optimizer.lr", "0.05"]
+
+
+@pytest.mark.parametrize(
+    ("nproc", "flags", "expect"),
+    [
+        (2, {"training__tensor_parallel_degree": 2}, "tensor parallel: degree 2"),
+        (2, {"experimental__context_parallel_degree": 2}, "attention path state_passing"),
+    ],
+    ids=["tp2", "cp2"],
+)
+def test_gated_deltanet_layout_matches_one_process(
+    gdn_one_process, gdn_tiny, train_args, tmp_path, nproc, flags, expect
+):
+    """Gated DeltaNet through the trainer: its TP plan (heads split with their A_log/dt_bias, grouped
+    value heads, convolutions by channels instead of the fused three-way kernel) and its state-passing
+    CP (chunks of 8 tokens) against one process."""
+    dp = nproc // (
+        int(flags.get("training__tensor_parallel_degree", 1))
+        * int(flags.get("experimental__context_parallel_degree", 1))
     )
-    assert "tensor parallel: degree 2" in proc.stdout
-    assert_same(one, read_metrics(tmp_path / "two"))
+    args = train_args("two", model__config=gdn_tiny, training__steps=STEPS, training__batch_size=4 // dp,
+                      optimizer__name="SGD", optimizer__lr=0.05, **flags)  # fmt: skip
+    proc = torchrun(nproc, args)
+    assert expect in proc.stdout
+    assert_same(gdn_one_process, read_metrics(tmp_path / "two"))
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_gla_state_passing_equals_the_whole_sequence_under_torchrun(nproc):
-    """Op level: the CP-wrapped GLA recurrence and short convolution on each rank's chunks give the
+    """Op level: the CP-wrapped GLA, gated delta rule and delta rule recurrences and short convolution on each rank's chunks give the
     outputs and input gradients of the unsharded sequence within 1e-5 (2 and 3 ranks: 4 and 6 chunks)."""
     proc = torchrun(nproc, [], module="tests.parallel.fla_cp_check")
     assert "FLA CP OK" in proc.stdout, proc.stdout
-    assert proc.stdout.count('"ok": true') == 2 * nproc
+    assert proc.stdout.count('"ok": true') == 4 * nproc
 
 
 @pytest.mark.gpu

@@ -40,6 +40,8 @@ FLA_FAMILIES = {
     "gated_deltanet": {"hidden_size": 64, "num_heads": 2, "num_v_heads": 4, "head_dim": 16, "expand_v": 1,
                        "use_short_conv": True, "conv_size": 4, "use_gate": True, "allow_neg_eigval": True,
                        "initializer_range": 0.2},
+    "delta_net": {"hidden_size": 64, "num_heads": 4, "expand_k": 1, "expand_v": 1, "use_short_conv": True,
+                  "conv_size": 4, "use_gate": True, "use_beta": True, "initializer_range": 0.2},
 }  # fmt: skip
 FLA_COMMON = {"num_hidden_layers": 2, "vocab_size": 96, "tie_word_embeddings": False, "use_cache": False,
               "fuse_norm": True, "fuse_swiglu": True}  # fmt: skip
