@@ -248,3 +248,35 @@ def test_cpu_path_equals_fla_kernels_on_gpu(family, tmp_path):
     for (name, a), b in zip(cpu.named_parameters(), gpu.parameters(), strict=True):
         scale = a.grad.abs().max().item() + 1e-6
         assert (a.grad - b.grad.cpu()).abs().max().item() / scale < 2e-2, name
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [{"training__tensor_parallel_degree": 2}, {"experimental__context_parallel_degree": 2}],
+    ids=["tp2-to-1", "cp2-to-1"],
+)
+def test_gla_checkpoint_resumes_on_one_process_and_converts(
+    gla_one_process, gla_tiny, byte_tokenizer, train_args, tmp_path, flags
+):
+    """GLA steps 1-3 under TP x2 (convolutions sharded by channels) or CP x2, steps 4-5 on one process: the
+    losses are the uninterrupted single-process run's. The step-3 checkpoint written under that layout
+    converts to a Hugging Face folder with every tensor whole (the shapes of a freshly built model)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from flame.utils.convert_dcp_to_hf import convert_dcp_to_hf
+
+    args = dict(model__config=gla_tiny, training__steps=STEPS, checkpoint__enable_checkpoint="true",
+                checkpoint__interval=3)  # fmt: skip
+    torchrun(2, train_args("switch", training__batch_size=4, **args, **flags))
+    shutil.rmtree(tmp_path / "switch" / "checkpoint" / "step-5")
+    train(train_args("switch", training__batch_size=4, **args))
+    assert_same(gla_one_process, read_metrics(tmp_path / "switch"))
+
+    out = convert_dcp_to_hf(str(tmp_path / "switch"), 3, gla_tiny, byte_tokenizer, output=str(tmp_path / "hf"))
+    converted = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out))
+    assert {n: p.shape for n, p in converted.named_parameters()} == {n: p.shape for n, p in fresh.named_parameters()}
+    tokens = torch.randint(0, 200, (1, 32), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(converted(input_ids=tokens).logits).all()
