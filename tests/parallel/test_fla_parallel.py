@@ -138,8 +138,10 @@ def gla_one_process(tmp_path_factory, byte_tokenizer, fixed_docs, gla_tiny) -> l
         (2, {"experimental__context_parallel_degree": 2}, "attention path state_passing"),
         (4, {"training__tensor_parallel_degree": 2, "experimental__context_parallel_degree": 2}, "path state_passing"),
         (4, {"training__tensor_parallel_degree": 2, "training__data_parallel_shard_degree": 2}, "degree 2"),
+        # the recomputation in the backward runs the attention module again, inside the CP state
+        (2, {"experimental__context_parallel_degree": 2, "activation_checkpoint__mode": "full"}, "state_passing"),
     ],
-    ids=["tp2", "tp2-no-loss-parallel", "cp2", "tp2xcp2", "fsdp2xtp2"],
+    ids=["tp2", "tp2-no-loss-parallel", "cp2", "tp2xcp2", "fsdp2xtp2", "cp2-ac-full"],
 )
 def test_gla_layout_matches_one_process(gla_one_process, train_args, gla_tiny, tmp_path, nproc, flags, expect):
     """Sequences of 32 tokens: CP x2 cuts them into 4 chunks of 8, so every state and convolution halo
