@@ -47,7 +47,7 @@ class ModelAdapter:
     # parallelism can swap in its attention function (flame/models/context_parallel.py).
     context_parallel: bool = False
     # Context parallelism by passing linear-attention states between sequence chunks instead
-    # (fla's GLA: flame/models/fla_context_parallel.py).
+    # (fla's GLA, Gated DeltaNet, DeltaNet: flame/models/fla_context_parallel.py).
     cp_state_passing: bool = False
 
     def with_model(self, model: nn.Module) -> ModelAdapter:

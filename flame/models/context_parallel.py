@@ -28,7 +28,7 @@ Two attention paths; ``choose_path`` picks one per run and the choice is logged:
   (overlapping communication with compute). torch's ring attention has no CPU kernels and takes no
   attention mask, so CPU runs, varlen documents and sliding-window layers use the all-gather path.
 
-fla's GLA family takes a third path, state passing (``flame/models/fla_context_parallel.py``): same
+fla's GLA, Gated DeltaNet and DeltaNet take a third path, state passing (``flame/models/fla_context_parallel.py``): same
 layout and sharding, no K/V exchange. The other fla families have no CP (fla 0.6.0's model layers take
 no CP context) and are refused at config time.
 """
