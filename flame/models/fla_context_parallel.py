@@ -218,25 +218,23 @@ def install() -> None:
     fla_reference.install()  # the wrappers call the device dispatch underneath
     gla_layer: Any = importlib.import_module("fla.layers.gla")
     modules: Any = importlib.import_module("fla.modules")
-    chunk = gla_layer.chunk_gla
-    if not getattr(chunk, "__flame_context_parallel__", False):
-        wrapped = gla_state_passing(chunk)
-        gla_layer.chunk_gla = wrapped
-        gla_layer.fused_recurrent_gla = _recurrent_or_cp(gla_layer.fused_recurrent_gla, wrapped)
-    gdn_layer: Any = importlib.import_module("fla.layers.gated_deltanet")
-    chunk = gdn_layer.chunk_gated_delta_rule
-    if not getattr(chunk, "__flame_context_parallel__", False):
-        wrapped = gated_delta_state_passing(chunk)
-        gdn_layer.chunk_gated_delta_rule = wrapped
-        gdn_layer.fused_recurrent_gated_delta_rule = _recurrent_or_cp(
-            gdn_layer.fused_recurrent_gated_delta_rule, wrapped
-        )
-    delta_layer: Any = importlib.import_module("fla.layers.delta_net")
-    chunk = delta_layer.chunk_delta_rule
-    if not getattr(chunk, "__flame_context_parallel__", False):
-        wrapped = gated_delta_state_passing(chunk)
-        delta_layer.chunk_delta_rule = wrapped
-        delta_layer.fused_recurrent_delta_rule = _recurrent_or_cp(delta_layer.fused_recurrent_delta_rule, wrapped)
+    # (fla layer module, its chunk op, its recurrent op, the state-passing wrapper)
+    for layer, chunk_name, recurrent_name, wrap in (
+        (gla_layer, "chunk_gla", "fused_recurrent_gla", gla_state_passing),
+        (
+            "fla.layers.gated_deltanet",
+            "chunk_gated_delta_rule",
+            "fused_recurrent_gated_delta_rule",
+            gated_delta_state_passing,
+        ),
+        ("fla.layers.delta_net", "chunk_delta_rule", "fused_recurrent_delta_rule", gated_delta_state_passing),
+    ):
+        owner: Any = importlib.import_module(layer) if isinstance(layer, str) else layer
+        chunk = getattr(owner, chunk_name)
+        if not getattr(chunk, "__flame_context_parallel__", False):
+            wrapped = wrap(chunk)
+            setattr(owner, chunk_name, wrapped)
+            setattr(owner, recurrent_name, _recurrent_or_cp(getattr(owner, recurrent_name), wrapped))
     conv = modules.ShortConvolution.forward
     if not getattr(conv, "__flame_context_parallel__", False):
         modules.ShortConvolution.forward = _conv_with_halo(conv)

@@ -47,6 +47,14 @@ LLAMA_LAYER_PLAN = {
 }
 
 
+# fla's GatedMLP: as the Llama MLP, its fused SwiGLU + down projection on this rank's columns.
+_FLA_MLP_PLAN = {
+    "mlp.gate_proj": "colwise",
+    "mlp.up_proj": "colwise",
+    "mlp.down_proj": "rowwise",
+    "mlp.swiglu_linear": "swiglu_linear",
+}
+
 # fla's gated linear attention (GLA) layer: q/k/v/output-gate projections and the second, widening
 # projection of the low-rank key gate split by heads; the first, low-rank one replicated; the short
 # convolutions split by channels like the projections feeding them; o by rows. fla's GatedMLP as the
@@ -62,10 +70,7 @@ FLA_GLA_LAYER_PLAN = {
     "attn.k_conv1d": "channels",
     "attn.v_conv1d": "channels",
     "attn.o_proj": "rowwise",
-    "mlp.gate_proj": "colwise",
-    "mlp.up_proj": "colwise",
-    "mlp.down_proj": "rowwise",
-    "mlp.swiglu_linear": "swiglu_linear",
+    **_FLA_MLP_PLAN,
 }
 
 
@@ -83,10 +88,7 @@ FLA_GATED_DELTANET_LAYER_PLAN = {
     "attn.k_conv1d": "channels",
     "attn.v_conv1d": "channels",
     "attn.o_proj": "rowwise",
-    "mlp.gate_proj": "colwise",
-    "mlp.up_proj": "colwise",
-    "mlp.down_proj": "rowwise",
-    "mlp.swiglu_linear": "swiglu_linear",
+    **_FLA_MLP_PLAN,
 }
 
 
