@@ -151,7 +151,7 @@ def dry_run(config: JobConfig, world_size: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from flame.config.loader import parse_args
-    from flame.train import fail, setup_logging
+    from flame.cli import fail, setup_logging
 
     try:
         config = parse_args(argv)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import gc
 import logging
@@ -180,6 +181,7 @@ class Trainer:
             else None
         )
         self.last_validation: dict[str, Any] | None = None
+        self.summary: dict[str, Any] = {}  # the end-of-run summary, once training finished
         self.optimizers = build_optimizers(self.model_parts, config)
         self.lr_schedulers = build_lr_schedulers(self.optimizers, config)
         self.state = TrainState()
@@ -425,6 +427,7 @@ class Trainer:
             "checkpoint": checkpoint,
             "hf_export": dump if checkpoint else None,
         }
+        self.summary = summary
         self.metrics.summary(summary)
 
     def close(self) -> None:
@@ -436,10 +439,30 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def train(config: JobConfig) -> dict[str, Any]:
+@dataclasses.dataclass
+class TrainResult:
+    """What ``flame.train`` returns: the last logged metrics, the end-of-run summary and the run folder."""
+
+    metrics: dict[str, Any]  # the last metrics record (step, loss, grad_norm, ..., validation_* when validated)
+    summary: dict[str, Any]  # summary.json's content; empty for a preempted session or a seed checkpoint
+    dump_folder: str
+
+    @property
+    def checkpoint(self) -> str | None:
+        """The last checkpoint's folder, when checkpoints were on."""
+        return self.summary.get("checkpoint")
+
+    @property
+    def hf_export(self) -> str | None:
+        """Where train.sh (or ``convert_dcp_to_hf``) puts the Hugging Face export of the last checkpoint."""
+        return self.summary.get("hf_export")
+
+
+def train(config: JobConfig) -> TrainResult:
     """Train with ``config`` in this process (one rank, or one rank of a torchrun job)."""
     trainer = Trainer(config)
     try:
-        return trainer.train()
+        metrics = trainer.train()
+        return TrainResult(metrics=metrics, summary=dict(trainer.summary), dump_folder=config.job.dump_folder)
     finally:
         trainer.close()

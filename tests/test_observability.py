@@ -96,7 +96,8 @@ def test_peak_table_knows_common_gpus_and_admits_the_rest():
 
 def test_records_summary_and_console(train_args, tmp_path):
     config = parse_args(train_args("obs", training__steps=4, metrics__log_freq=2))
-    last = flame.train(config)
+    result = flame.train(config)
+    last = result.metrics
     records = read_metrics(tmp_path / "obs")
     assert [r["step"] for r in records] == [2, 4]
     for key in ("loss_max", "tflops", "mfu", "memory_rss_gib", "data_wait_share", "tokens_seen", "eta_seconds"):
@@ -174,3 +175,25 @@ def test_cuda_memory_snapshots_and_mfu(train_args, tmp_path):
     assert [s.split("/")[-2] for s in snapshots] == ["iteration_2", "iteration_4"]
     record = read_metrics(tmp_path / "snap")[-1]
     assert record["memory_active_gib"] > 0 and (record["mfu"] is None or 0 < record["mfu"] < 100)
+
+
+def test_python_api_takes_a_toml_path_and_section_overrides(train_args, tmp_path):
+    """flame.train(path, **sections): the same run as the flags, a TrainResult back; bad keys are ConfigErrors."""
+    from flame.config.loader import save_toml
+
+    config = parse_args(train_args("base", training__steps=3))
+    save_toml(config, str(tmp_path / "base.toml"))
+    result = flame.train(tmp_path / "base.toml", job={"dump_folder": str(tmp_path / "api")}, training={"steps": 2})
+    assert result.dump_folder == str(tmp_path / "api")
+    assert [r["step"] for r in read_metrics(tmp_path / "api")] == [1, 2]
+    assert result.metrics["step"] == 2 and result.summary["steps"] == 2 and result.checkpoint is None
+    with pytest.raises(flame.ConfigError, match=r"unknown config key 'training.stesp'.*'training.steps'"):
+        flame.train(tmp_path / "base.toml", training={"stesp": 2})
+
+
+def test_importing_the_cli_module_is_refused_and_keeps_the_function():
+    import importlib
+
+    with pytest.raises(ImportError, match="python -m flame.train"):
+        importlib.import_module("flame.train")
+    assert callable(flame.train) and flame.train.__module__ == "flame"

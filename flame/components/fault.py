@@ -19,7 +19,8 @@ folder) removes its incomplete step folder, so the newest complete checkpoint st
 restart resumes from, and raises ``CheckpointSaveError`` with one clear message instead of DCP's
 multi-rank traceback dump.
 
-``flame.train`` turns the ``RunError`` subclasses into one ``flame: error:`` line and exit code 1.
+``flame.cli`` (the ``python -m flame.train`` command) turns the ``RunError`` subclasses into one
+``flame: error:`` line and exit code 1.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ Precedence: command line > TOML file (``--job.config_file``) > dataclass default
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import os
@@ -255,6 +256,31 @@ def load_toml(path: str) -> JobConfig:
     """A config from one TOML file alone (for example a run's saved config.toml)."""
     config = JobConfig()
     problems = _apply_toml(config, _read_toml(path), path)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def apply_overrides(config: JobConfig, overrides: dict[str, Any], where: str = "override") -> JobConfig:
+    """A copy of ``config`` with dotted keys set (``{"training.steps": 300, "optimizer.lr": 1e-3}``).
+
+    Values are converted and checked exactly like TOML values; an unknown section or key is an error
+    naming ``where`` (a file, an experiment stage, a Python call) and the closest valid key.
+    """
+    specs = field_specs()
+    config = copy.deepcopy(config)
+    problems: list[str] = []
+    keys = [f"{s}.{k}" for s, fields in specs.items() for k in fields]
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        spec = specs.get(section, {}).get(key)
+        if spec is None:
+            problems.append(f"{where}: unknown config key {dotted!r}.{_closest(dotted, keys)}")
+            continue
+        try:
+            setattr(getattr(config, section), key, convert(spec, value, f"{where}: {dotted}"))
+        except ConfigError as e:
+            problems.extend(e.problems)
     if problems:
         raise ConfigError(problems)
     return config

@@ -39,10 +39,10 @@ def run_flags(byte_tokenizer, fixed_docs, tiny_llama):
 def train_here(args: list[str]) -> list[dict]:
     """Train in this process (a one-rank group flame sets up and tears down); the run's metrics."""
     from flame.config.loader import parse_args
-    from flame.trainer import train  # not flame.train: importing the CLI module flame.train shadows it
+    import flame
 
     config = parse_args(args)
-    train(config)
+    flame.train(config)
     assert not dist.is_initialized()
     return read_metrics(config.job.dump_folder)
 
@@ -95,21 +95,14 @@ def llama_json(tiny_llama):
 
 
 def cli_main(args: list[str]) -> int:
-    """``python -m flame.train``'s ``main(args)`` in this process; its exit code.
+    """``python -m flame.train``'s ``main(args)`` (``flame.cli.main``) in this process; its exit code.
 
-    Importing the module ``flame.train`` binds it as the attribute ``flame.train`` of the package,
-    shadowing the public ``flame.train(config)`` function for the rest of the process; the function
-    is put back so that later tests in this session still call it. A group left by a failed start is
-    torn down (main() is meant to end the process).
+    A group left by a failed start is torn down (main() is meant to end the process).
     """
-    import flame
+    from flame.cli import main
 
-    api = flame.train
     try:
-        from flame.train import main
-
         return main(args)
     finally:
-        flame.train = api  # type: ignore[assignment]
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -27,6 +27,6 @@ def _stalling_finish(self, metadata, results):
 filesystem._FileSystemWriter.finish = _stalling_finish
 
 if __name__ == "__main__":
-    from flame.train import main
+    from flame.cli import main
 
     sys.exit(main(sys.argv[1:]))

@@ -26,7 +26,7 @@ def batch_hash(batches: list[dict]) -> str:
 
 def main(argv: list[str]) -> int:
     from flame.config.loader import parse_args
-    from flame.train import setup_logging
+    from flame.cli import setup_logging
     from flame.trainer import Trainer
 
     setup_logging()

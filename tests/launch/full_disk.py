@@ -51,6 +51,6 @@ def _full_disk_stream(self, path, mode: str):
 filesystem.FileSystem.create_stream = _full_disk_stream  # type: ignore[method-assign]
 
 if __name__ == "__main__":
-    from flame.train import main
+    from flame.cli import main
 
     sys.exit(main(sys.argv[1:]))

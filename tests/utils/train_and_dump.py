@@ -18,7 +18,7 @@ def main(ids_path: str, out_path: str, args: list[str]) -> None:
     from flame.trainer import Trainer
 
     if dist.is_torchelastic_launched():  # its own process: the start-up line on stdout, as `flame.train` prints it
-        from flame.train import setup_logging  # (imported only here: it shadows the API flame.train in-process)
+        from flame.cli import setup_logging
 
         setup_logging()
     trainer = Trainer(parse_args(args))
