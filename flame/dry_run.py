@@ -150,8 +150,8 @@ def dry_run(config: JobConfig, world_size: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flame.config.loader import parse_args
     from flame.cli import fail, setup_logging
+    from flame.config.loader import parse_args
 
     try:
         config = parse_args(argv)

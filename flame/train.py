@@ -13,6 +13,6 @@ if __name__ != "__main__":
         "and import flame.cli for the command's main()"
     )
 
-from flame.cli import main  # noqa: E402
+from flame.cli import main
 
 sys.exit(main())

@@ -194,6 +194,6 @@ def test_python_api_takes_a_toml_path_and_section_overrides(train_args, tmp_path
 def test_importing_the_cli_module_is_refused_and_keeps_the_function():
     import importlib
 
-    with pytest.raises(ImportError, match="python -m flame.train"):
+    with pytest.raises(ImportError, match=r"python -m flame\.train"):
         importlib.import_module("flame.train")
     assert callable(flame.train) and flame.train.__module__ == "flame"

@@ -38,8 +38,8 @@ def run_flags(byte_tokenizer, fixed_docs, tiny_llama):
 
 def train_here(args: list[str]) -> list[dict]:
     """Train in this process (a one-rank group flame sets up and tears down); the run's metrics."""
-    from flame.config.loader import parse_args
     import flame
+    from flame.config.loader import parse_args
 
     config = parse_args(args)
     flame.train(config)

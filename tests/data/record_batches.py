@@ -25,8 +25,8 @@ def batch_hash(batches: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from flame.config.loader import parse_args
     from flame.cli import setup_logging
+    from flame.config.loader import parse_args
     from flame.trainer import Trainer
 
     setup_logging()
