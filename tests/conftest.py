@@ -41,11 +41,9 @@ def byte_tokenizer(tmp_path_factory) -> str:
     return make_byte_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
 
 
-@pytest.fixture(scope="session")
-def fixed_docs(tmp_path_factory) -> str:
+def write_fixed_docs(path: str | os.PathLike) -> str:
     """NUM_DOCS documents of SEQ_LEN lowercase letters/spaces: each is one row of SEQ_LEN + EOS tokens."""
     rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
     words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "x", "y", "value"]
     with open(path, "w") as f:
         for _ in range(NUM_DOCS):
@@ -56,22 +54,33 @@ def fixed_docs(tmp_path_factory) -> str:
     return str(path)
 
 
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "vocab_size": 257,
+    "tie_word_embeddings": False,
+}
+
+
+def write_tiny_llama(path: str | os.PathLike, **overrides) -> str:
+    with open(path, "w") as f:
+        json.dump({**TINY_LLAMA, **overrides}, f)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def fixed_docs(tmp_path_factory) -> str:
+    return write_fixed_docs(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("model") / "llama_tiny.json"
-    config = {
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-        "vocab_size": 257,
-        "tie_word_embeddings": False,
-    }
-    path.write_text(json.dumps(config))
-    return str(path)
+    return write_tiny_llama(tmp_path_factory.mktemp("model") / "llama_tiny.json")
 
 
 @pytest.fixture
