@@ -238,6 +238,62 @@ class Validation:
 
 
 @dataclass
+class Distill:
+    """Knowledge distillation (README "Distillation"): on when ``teacher`` or ``teacher_cache`` is set."""
+
+    teacher: str = opt(
+        "",
+        "teacher of knowledge distillation: a Hugging Face model folder, or a flame run folder (its checkpoint at "
+        "teacher_step, read with the run's model config); empty: no distillation",
+    )
+    teacher_step: int = opt(-1, "flame run folder as teacher: its checkpoint step (-1: the latest complete one)")
+    teacher_dtype: str = opt(
+        "auto",
+        "dtype of the teacher's weights and forward (auto: bfloat16 on GPU, float32 on CPU)",
+        ("auto", "float32", "bfloat16", "float16"),
+    )
+    teacher_cache: str = opt(
+        "",
+        "folder written by python -m flame.distill.cache: train on its top-k teacher log-probs, no teacher in "
+        "memory (every row's token fingerprint is checked)",
+    )
+    loss: str = opt(
+        "forward_kl",
+        "divergence of teacher P and student Q: forward_kl KL(P||Q), reverse_kl KL(Q||P), jsd (see beta), "
+        "tvd 0.5*sum|P-Q|",
+        ("forward_kl", "reverse_kl", "jsd", "tvd"),
+    )
+    beta: float = opt(
+        0.5,
+        "jsd: beta*KL(P||M) + (1-beta)*KL(Q||M) with M = beta*P + (1-beta)*Q (TRL's convention); "
+        "beta 0 is exactly forward_kl, beta 1 exactly reverse_kl",
+    )
+    temperature: float = opt(
+        1.0, "T: both distributions are softmax(logits / T); the KD term is scaled by T^2 (Hinton)"
+    )
+    alpha: float = opt(0.5, "weight of the KD term: loss = (1 - alpha)*CE + alpha*KD (the schedule's peak)")
+    alpha_schedule: str = opt(
+        "constant",
+        "alpha over the steps: constant; linear from alpha_start at step 1 to alpha at the last step; wsd: "
+        "alpha_start -> alpha over alpha_warmup_steps, alpha, then -> alpha_end over the last alpha_decay_ratio",
+        ("constant", "linear", "wsd"),
+    )
+    alpha_start: float = opt(0.0, "linear/wsd: alpha at the start")
+    alpha_end: float = opt(0.0, "wsd: alpha at the last step")
+    alpha_warmup_steps: int = opt(0, "wsd: steps from alpha_start to alpha")
+    alpha_decay_ratio: float = opt(0.0, "wsd: the last fraction of the steps, going from alpha to alpha_end")
+    top_k: int | None = opt(
+        None,
+        "KD on the teacher's top-k tokens per position plus one bucket holding the rest of its mass (the student's "
+        "distribution coarsened the same way); unset: the whole vocabulary",
+    )
+    chunk_size: int = opt(
+        1024,
+        "tokens per chunk of the KD computation: its fp32 memory is chunk x vocabulary (0: all tokens at once)",
+    )
+
+
+@dataclass
 class JobConfig:
     """The whole configuration of a run: one attribute per TOML section."""
 
@@ -255,3 +311,4 @@ class JobConfig:
     comm: Comm = field(default_factory=Comm)
     memory_estimation: MemoryEstimation = field(default_factory=MemoryEstimation)
     validation: Validation = field(default_factory=Validation)
+    distill: Distill = field(default_factory=Distill)

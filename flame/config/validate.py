@@ -168,6 +168,9 @@ def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> No
 
     problems.extend(float8_problems(config, device_type))
     _check_compile_features(config, world_size, problems)
+    from flame.distill.checks import distill_problems  # the [distill] section (flame/distill/checks.py)
+
+    problems.extend(distill_problems(config, world_size, device_type))
     if problems:
         raise ConfigError(problems)
 

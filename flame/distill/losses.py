@@ -1,0 +1,253 @@
+"""Distillation losses: a divergence between the teacher's and the student's next-token distributions.
+
+Notation: P the teacher's distribution, Q the student's, both at temperature T (``softmax(logits / T)``
+over the tokenizer's vocabulary; padded columns masked out). Per target token:
+
+* ``forward_kl``  KL(P‖Q) = Σ_v P_v (log P_v − log Q_v)
+* ``reverse_kl``  KL(Q‖P) = Σ_v Q_v (log Q_v − log P_v)
+* ``jsd``         β·KL(P‖M) + (1 − β)·KL(Q‖M), M = β·P + (1 − β)·Q (TRL's generalized JSD). As β → 0
+  it vanishes like β·KL(P‖Q), so β = 0 is defined as exactly ``forward_kl`` and β = 1 as exactly
+  ``reverse_kl`` (the limits of JSD/β and JSD/(1 − β)).
+* ``tvd``         ½ Σ_v |P_v − Q_v|
+
+The KD term is T² times the divergence (Hinton et al.: the gradient of a softened KL scales as 1/T², so
+T² keeps its size comparable to the cross entropy's), **summed** over the target tokens (labels
+!= -100) like flame's cross entropy: the trainer divides both by the global number of target tokens,
+so the gradient does not depend on how a batch is split into micro-batches, ranks or packed rows.
+
+**Top-k** (``top_k = k``): the teacher's k most likely tokens per position plus one bucket holding the
+rest of its mass, 1 − Σ_top-k P; the student's distribution is coarsened the same way (its
+probabilities at those k ids and its remaining mass). The divergence is then taken between two (k+1)-
+category distributions: a proper divergence (never below zero, zero iff the coarsened distributions
+agree) that keeps how confident the teacher is, where renormalising over the top-k would not; with
+k = vocabulary the bucket is empty and the loss equals the dense one.
+
+**Memory**: the tokens are processed in chunks of ``chunk_size``; each chunk's fp32 softmax
+intermediates exist only while that chunk is computed. The gradient with respect to the student's
+logits is computed chunk by chunk during the forward (``torch.autograd.grad`` on the chunk) and kept in
+the logits' dtype, so no fp32 ``tokens × vocabulary`` tensor of either model outlives its chunk; the
+backward multiplies the stored gradient by the incoming scalar.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flame.distill.vocab import VocabView, view_of
+
+IGNORE_INDEX = -100
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+
+
+@dataclass(frozen=True)
+class KDSpec:
+    """What KD term to compute: divergence, β (jsd), temperature, top-k (None: dense), tokens per chunk."""
+
+    loss: str = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    top_k: int | None = None
+    chunk_size: int = 1024  # tokens; 0: all at once
+
+    @classmethod
+    def from_config(cls, distill: Any) -> KDSpec:
+        return cls(distill.loss, distill.temperature, distill.beta, distill.top_k, distill.chunk_size)
+
+
+@dataclass
+class TopKTargets:
+    """The teacher's top-k per position, at the spec's temperature: global token ids ``[n, k]``, their
+    log-probabilities ``[n, k]`` and the log of the remaining mass ``[n]`` (-inf when none is left)."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    log_rest: torch.Tensor
+
+    def rows(self, index: torch.Tensor) -> TopKTargets:
+        return TopKTargets(self.ids[index], self.logprobs[index].float(), self.log_rest[index].float())
+
+
+# ---- divergences on log-probabilities ------------------------------------------------------------------
+
+
+def _plogratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """``a · (log a − log b)`` elementwise, with ``0 · log 0 = 0`` and finite gradients there."""
+    ok = torch.isfinite(log_a)  # log-probabilities are <= 0: not finite means a = 0
+    zero = torch.zeros_like(log_a)
+    a = torch.where(ok, log_a, zero)
+    b = torch.where(ok, log_b, zero)
+    return torch.where(ok, torch.exp(a) * (a - b), zero)
+
+
+def divergence(log_p: torch.Tensor, log_q: torch.Tensor, loss: str, beta: float, total=None) -> torch.Tensor:
+    """Per-row divergence between teacher log-probs ``log_p`` and student log-probs ``log_q`` (``[n, C]``).
+
+    ``total`` sums over the last dimension (a ``VocabView.sum`` when the vocabulary is sharded)."""
+    total = total or (lambda x: x.sum(dim=-1))
+    if loss == "forward_kl" or (loss == "jsd" and beta == 0.0):
+        return total(_plogratio(log_p, log_q))
+    if loss == "reverse_kl" or (loss == "jsd" and beta == 1.0):
+        return total(_plogratio(log_q, log_p))
+    if loss == "jsd":
+        some = torch.isfinite(log_p) | torch.isfinite(log_q)  # where both are 0, M is 0 (with a clean gradient)
+        zero = torch.zeros_like(log_p)
+        mixed = torch.logaddexp(
+            torch.where(some, log_p, zero) + math.log(beta), torch.where(some, log_q, zero) + math.log1p(-beta)
+        )
+        log_m = torch.where(some, mixed, torch.full_like(log_p, float("-inf")))
+        return beta * total(_plogratio(log_p, log_m)) + (1 - beta) * total(_plogratio(log_q, log_m))
+    if loss == "tvd":
+        return 0.5 * total((torch.exp(log_p) - torch.exp(log_q)).abs())
+    raise ValueError(f"unknown distillation loss {loss!r}; one of {LOSSES}")
+
+
+# ---- per-chunk losses -----------------------------------------------------------------------------------
+
+
+def topk_targets(teacher: torch.Tensor, view: VocabView, k: int, temperature: float) -> TopKTargets:
+    """The teacher's top-k targets of fp32 logits ``teacher`` (``[n, width]``, this rank's columns)."""
+    z = view.mask_padding(teacher.float()) / temperature
+    lse = view.logsumexp(z)
+    values, ids = view.topk(z, k)
+    return TopKTargets(ids, values - lse.unsqueeze(-1), view.logsumexp_without(z, ids) - lse)
+
+
+def chunk_losses(
+    student: torch.Tensor, teacher: torch.Tensor | TopKTargets, view: VocabView, spec: KDSpec
+) -> torch.Tensor:
+    """T² · divergence per token (``[n]``, replicated over tensor-parallel ranks) of fp32 student logits
+    ``[n, width]`` against the teacher's logits (same layout) or its top-k targets."""
+    t = spec.temperature
+    zs = view.mask_padding(student) / t
+    if spec.top_k is None and isinstance(teacher, torch.Tensor):
+        with torch.no_grad():
+            log_p = view.log_softmax(view.mask_padding(teacher.float()) / t)
+        log_q = view.log_softmax(zs)
+        return t * t * divergence(log_p, log_q, spec.loss, spec.beta, view.sum)
+    if isinstance(teacher, torch.Tensor):
+        with torch.no_grad():
+            teacher = topk_targets(teacher, view, spec.top_k, t)  # type: ignore[arg-type]
+    lse = view.logsumexp(zs, for_replicated=True)
+    log_q_top = view.gather(zs, teacher.ids) - lse.unsqueeze(-1)
+    log_q_rest = view.logsumexp_without(zs, teacher.ids) - lse
+    log_p = torch.cat([teacher.logprobs, teacher.log_rest.unsqueeze(-1)], dim=-1)
+    log_q = torch.cat([log_q_top, log_q_rest.unsqueeze(-1)], dim=-1)
+    return t * t * divergence(log_p, log_q, spec.loss, spec.beta)
+
+
+def _teacher_rows(teacher: torch.Tensor | TopKTargets, rows: torch.Tensor) -> torch.Tensor | TopKTargets:
+    return teacher.rows(rows) if isinstance(teacher, TopKTargets) else teacher.index_select(0, rows)
+
+
+class _ChunkedKD(torch.autograd.Function):
+    """Sum of ``chunk_losses`` over the target tokens, chunk by chunk; the gradient with respect to the
+    student's logits is computed in the forward (one chunk at a time) and applied in the backward."""
+
+    @staticmethod
+    def forward(ctx, student, labels, teacher_logits, ids, logprobs, log_rest, view, spec):  # type: ignore[override]
+        teacher: torch.Tensor | TopKTargets = (
+            teacher_logits if teacher_logits is not None else TopKTargets(ids, logprobs, log_rest)
+        )
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.zeros_like(student) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        num_tokens = student.shape[0]
+        chunk = spec.chunk_size if spec.chunk_size > 0 else max(num_tokens, 1)
+        targets = labels != IGNORE_INDEX
+        for start in range(0, num_tokens, chunk):
+            rows = targets[start : start + chunk].nonzero().squeeze(1) + start
+            if rows.numel() == 0:  # the same on every TP rank: the labels are
+                continue
+            zs = student.index_select(0, rows).float()
+            part = _teacher_rows(teacher, rows)
+            if need_grad:
+                zs.requires_grad_(True)
+                with torch.enable_grad():
+                    loss = chunk_losses(zs, part, view, spec).sum()
+                (g,) = torch.autograd.grad(loss, zs)
+                grad.index_copy_(0, rows, g.to(grad.dtype))  # type: ignore[union-attr]
+            else:
+                loss = chunk_losses(zs, part, view, spec).sum()
+            total += loss.detach()
+        ctx.save_for_backward(grad if grad is not None else torch.empty(0))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None, None, None, None, None
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def kd_loss_sum(student_logits: Any, labels: torch.Tensor, teacher: Any, spec: KDSpec, vocab_size: int) -> torch.Tensor:
+    """The KD term summed over the target tokens of one micro-batch (a float32 scalar, differentiable
+    with respect to ``student_logits``).
+
+    ``student_logits``: ``[..., width]`` logits (a tensor, or a DTensor sharded on the vocabulary under
+    loss parallelism); ``labels``: the matching targets (``-100``: no target). ``teacher``: the
+    teacher's logits in the same layout, or ``TopKTargets`` for the flattened tokens (from the cache).
+    ``vocab_size``: the tokenizer's vocabulary (columns past it are masked out of both softmaxes).
+    Under tensor parallelism the value is the same on every TP rank and the gradient of each rank's
+    vocabulary slice is exact; the vocabulary is never gathered.
+    """
+    student_local, view = view_of(student_logits, vocab_size)
+    flat_labels = labels.reshape(-1).to(student_local.device)
+    args: tuple[Any, ...]
+    if isinstance(teacher, TopKTargets):
+        args = (
+            None,
+            teacher.ids.reshape(-1, teacher.ids.shape[-1]),
+            _flat(teacher.logprobs),
+            teacher.log_rest.reshape(-1),
+        )
+    else:
+        teacher_local, teacher_view = view_of(teacher, vocab_size)
+        if teacher_view.start != view.start or teacher_local.shape[-1] != student_local.shape[-1]:
+            raise ValueError(
+                f"teacher and student logits are laid out differently (vocabulary columns {teacher_view.start}+"
+                f"{teacher_local.shape[-1]} vs {view.start}+{student_local.shape[-1]})"
+            )
+        args = (_flat(teacher_local).detach(), None, None, None)
+    return _ChunkedKD.apply(_flat(student_local), flat_labels, *args, view, spec)
+
+
+@torch.no_grad()
+def agreement_sums(
+    student_logits: Any, labels: torch.Tensor, teacher: Any, vocab_size: int, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Validation numbers summed over target tokens: ``[KL(P‖Q) at T = 1, top-1 agreements]`` (float64).
+
+    The KL is dense with teacher logits and over the top-k plus rest bucket with ``TopKTargets``;
+    agreement counts the tokens where the student's most likely token is the teacher's."""
+    student_local, view = view_of(student_logits, vocab_size)
+    flat = _flat(student_local)
+    rows_all = (labels.reshape(-1).to(flat.device) != IGNORE_INDEX).nonzero().squeeze(1)
+    if isinstance(teacher, TopKTargets):
+        targets: Any = TopKTargets(
+            teacher.ids.reshape(-1, teacher.ids.shape[-1]), _flat(teacher.logprobs), teacher.log_rest.reshape(-1)
+        )
+        spec = KDSpec("forward_kl", 1.0, 0.5, targets.ids.shape[-1], chunk_size)
+    else:
+        targets = _flat(view_of(teacher, vocab_size)[0])
+        spec = KDSpec("forward_kl", 1.0, 0.5, None, chunk_size)
+    sums = torch.zeros(2, dtype=torch.float64, device=flat.device)
+    chunk = chunk_size if chunk_size > 0 else max(len(rows_all), 1)
+    for start in range(0, len(rows_all), chunk):
+        rows = rows_all[start : start + chunk]
+        zs = flat.index_select(0, rows).float()
+        part = _teacher_rows(targets, rows)
+        sums[0] += chunk_losses(zs, part, view, spec).sum().double()
+        student_top = view.topk(view.mask_padding(zs), 1)[1][:, 0]
+        if isinstance(part, TopKTargets):
+            teacher_top = part.ids[:, 0]
+        else:
+            teacher_top = view.topk(view.mask_padding(part.float()), 1)[1][:, 0]
+        sums[1] += (student_top == teacher_top).sum().double()
+    return sums

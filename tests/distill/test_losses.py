@@ -1,0 +1,178 @@
+"""The KD losses against direct formulas on small tensors (one process, float64 references)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flame.distill.losses import LOSSES, KDSpec, TopKTargets, agreement_sums, divergence, kd_loss_sum, topk_targets
+from flame.distill.vocab import VocabView
+
+V = 11
+
+
+def direct(p: torch.Tensor, q: torch.Tensor, loss: str, beta: float = 0.5) -> torch.Tensor:
+    """The textbook formulas, per row, in float64."""
+    p, q = p.double(), q.double()
+    kl = lambda a, b: (a * (a.log() - b.log())).sum(-1)  # noqa: E731
+    if loss == "forward_kl":
+        return kl(p, q)
+    if loss == "reverse_kl":
+        return kl(q, p)
+    if loss == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def logits(rows: int = 6, width: int = V, seed: int = 0, scale: float = 2.0) -> torch.Tensor:
+    return torch.randn(rows, width, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_dense_loss_equals_the_direct_formula_times_t_squared(loss, temperature):
+    zs, zt = logits(seed=1), logits(seed=2)
+    labels = torch.tensor([3, -100, 1, 4, -100, 0])
+    spec = KDSpec(loss, temperature, beta=0.3, chunk_size=0)
+    got = kd_loss_sum(zs, labels, zt, spec, vocab_size=V)
+    p, q = torch.softmax(zt.double() / temperature, -1), torch.softmax(zs.double() / temperature, -1)
+    keep = labels != -100
+    want = temperature**2 * direct(p, q, loss, beta=0.3)[keep].sum()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+
+
+def test_jsd_endpoints_are_exactly_forward_and_reverse_kl():
+    log_p, log_q = torch.log_softmax(logits(seed=3), -1), torch.log_softmax(logits(seed=4), -1)
+    assert torch.equal(divergence(log_p, log_q, "jsd", 0.0), divergence(log_p, log_q, "forward_kl", 0.5))
+    assert torch.equal(divergence(log_p, log_q, "jsd", 1.0), divergence(log_p, log_q, "reverse_kl", 0.5))
+    # and in between it is TRL's generalized JSD, which vanishes like beta * KL near the ends
+    small = divergence(log_p.double(), log_q.double(), "jsd", 1e-7)
+    assert torch.allclose(small / 1e-7, divergence(log_p.double(), log_q.double(), "forward_kl", 0.5), rtol=1e-3)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_teacher_equal_to_student_gives_zero_loss_and_zero_gradient(loss):
+    z = logits(seed=5).requires_grad_(True)
+    labels = torch.arange(6) % V
+    kd = kd_loss_sum(z, labels, z.detach().clone(), KDSpec(loss, 2.0, 0.5, chunk_size=4), vocab_size=V)
+    kd.backward()
+    assert abs(kd.item()) < 1e-6
+    assert z.grad.abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_forward_kl_gradient_is_t_times_q_minus_p(temperature):
+    """d/dz_S of T² KL(P_T‖Q_T) = T (Q_T − P_T): the T² factor cancels the 1/T² shrinkage of softened targets."""
+    zs, zt = logits(seed=6).requires_grad_(True), logits(seed=7)
+    labels = torch.zeros(6, dtype=torch.long)
+    kd_loss_sum(zs, labels, zt, KDSpec("forward_kl", temperature), vocab_size=V).backward()
+    want = temperature * (torch.softmax(zs.detach() / temperature, -1) - torch.softmax(zt / temperature, -1))
+    assert torch.allclose(zs.grad, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_gradient_equals_autograd_of_the_direct_formula(loss):
+    zs, zt = logits(seed=8).double().requires_grad_(True), logits(seed=9).double()
+    labels = torch.tensor([1, 2, -100, 3, 4, 5])
+    ours = zs.detach().float().requires_grad_(True)
+    kd_loss_sum(ours, labels, zt.float(), KDSpec(loss, 2.0, 0.7, chunk_size=2), vocab_size=V).backward()
+    keep = labels != -100
+    ref = 4.0 * direct(torch.softmax(zt / 2, -1), torch.softmax(zs / 2, -1), loss, 0.7)[keep].sum()
+    ref.backward()
+    assert torch.allclose(ours.grad.double(), zs.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_chunked_equals_unchunked(loss, top_k):
+    zs, zt = logits(rows=37, seed=10), logits(rows=37, seed=11)
+    labels = torch.randint(0, V, (37,), generator=torch.Generator().manual_seed(0))
+    labels[::5] = -100
+    results = []
+    for chunk in (0, 1, 5, 16, 1000):
+        z = zs.clone().requires_grad_(True)
+        kd = kd_loss_sum(z, labels, zt, KDSpec(loss, 1.5, 0.4, top_k, chunk), vocab_size=V)
+        kd.backward()
+        results.append((kd.detach(), z.grad))
+    for kd, grad in results[1:]:
+        assert torch.allclose(kd, results[0][0], rtol=1e-6)
+        assert torch.allclose(grad, results[0][1], atol=1e-7)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_top_k_with_k_equal_to_the_vocabulary_is_the_dense_loss(loss):
+    zs, zt = logits(seed=12), logits(seed=13)
+    labels = torch.arange(6) % V
+    values = []
+    for top_k in (None, V):
+        z = zs.clone().requires_grad_(True)
+        kd = kd_loss_sum(z, labels, zt, KDSpec(loss, 2.0, 0.5, top_k), vocab_size=V)
+        kd.backward()
+        values.append((kd.detach(), z.grad))
+    assert torch.allclose(values[0][0], values[1][0], rtol=1e-6)
+    assert torch.allclose(values[0][1], values[1][1], atol=1e-6)
+
+
+def test_top_k_is_the_divergence_of_the_coarsened_distributions():
+    """k ids plus one bucket with the rest of the mass, for teacher and student alike."""
+    zs, zt, k = logits(seed=14), logits(seed=15), 3
+    labels = torch.zeros(6, dtype=torch.long)
+    got = kd_loss_sum(zs, labels, zt, KDSpec("forward_kl", 1.0, 0.5, k), vocab_size=V)
+    p, q = torch.softmax(zt.double(), -1), torch.softmax(zs.double(), -1)
+    ids = p.topk(k, -1).indices
+    pk, qk = p.gather(-1, ids), q.gather(-1, ids)
+    pc = torch.cat([pk, 1 - pk.sum(-1, keepdim=True)], -1)
+    qc = torch.cat([qk, 1 - qk.sum(-1, keepdim=True)], -1)
+    assert got.item() == pytest.approx(direct(pc, qc, "forward_kl").sum().item(), rel=1e-5)
+
+
+def test_padded_vocabulary_rows_are_masked_out():
+    """A teacher whose head is 4 rows wider than the tokenizer (an embedding padded for speed): the extra
+    logits, however large, take no part in either softmax."""
+    zs, zt = logits(seed=16), logits(seed=17)
+    padded = torch.cat([zt, torch.full((6, 4), 30.0)], dim=-1)
+    labels = torch.zeros(6, dtype=torch.long)
+    for top_k in (None, 5):
+        spec = KDSpec("forward_kl", 2.0, 0.5, top_k)
+        wide_student = torch.cat([zs, torch.full((6, 4), -7.0)], dim=-1)
+        a = kd_loss_sum(zs, labels, zt, spec, vocab_size=V)
+        b = kd_loss_sum(wide_student, labels, padded, spec, vocab_size=V)
+        assert torch.allclose(a, b, rtol=1e-6), (top_k, a, b)
+
+
+def test_top_k_targets_round_trip_equals_online_top_k():
+    """Targets computed once (what the cache stores) give the loss and gradient of online top-k KD."""
+    zs, zt = logits(seed=18), logits(seed=19)
+    labels = torch.tensor([1, 2, 3, -100, 4, 5])
+    spec = KDSpec("reverse_kl", 2.0, 0.5, 4)
+    targets = topk_targets(zt, VocabView(V), 4, 2.0)
+    out = []
+    for teacher in (zt, TopKTargets(targets.ids.clone(), targets.logprobs.clone(), targets.log_rest.clone())):
+        z = zs.clone().requires_grad_(True)
+        kd = kd_loss_sum(z, labels, teacher, spec, vocab_size=V)
+        kd.backward()
+        out.append((kd.detach(), z.grad))
+    assert torch.equal(out[0][0], out[1][0])
+    assert torch.equal(out[0][1], out[1][1])
+
+
+def test_agreement_sums_count_top1_and_kl():
+    zs, zt = logits(seed=20), logits(seed=21)
+    labels = torch.tensor([0, 1, -100, 2, 3, 4])
+    sums = agreement_sums(zs, labels, zt, V, chunk_size=2)
+    keep = labels != -100
+    kl = direct(torch.softmax(zt.double(), -1), torch.softmax(zs.double(), -1), "forward_kl")[keep].sum()
+    agree = (zs.argmax(-1) == zt.argmax(-1))[keep].sum()
+    assert sums[0].item() == pytest.approx(kl.item(), rel=1e-5)
+    assert sums[1].item() == agree.item()
+
+
+def test_three_dimensional_logits_and_bf16_students():
+    zs, zt = logits(rows=12, seed=22).view(2, 6, V), logits(rows=12, seed=23).view(2, 6, V)
+    labels = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(1))
+    flat = kd_loss_sum(zs.reshape(12, V), labels.reshape(12), zt.reshape(12, V), KDSpec(), V)
+    assert torch.equal(kd_loss_sum(zs, labels, zt, KDSpec(), V), flat)
+    half = zs.bfloat16().requires_grad_(True)
+    kd_loss_sum(half, labels, zt.bfloat16(), KDSpec(), V).backward()
+    assert half.grad.dtype == torch.bfloat16 and torch.isfinite(half.grad).all()
