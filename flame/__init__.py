@@ -1,7 +1,8 @@
 """flame: pretrain Hugging Face causal language models with torchtitan components.
 
-Public API: ``JobConfig`` (the config schema), ``parse_args`` (CLI + TOML), ``Trainer``, and
-``train(config_or_path, **sections)`` returning a ``TrainResult``. Heavy modules are imported on first
+Public API: ``JobConfig`` (the config schema), ``parse_args`` (CLI + TOML), ``Trainer``,
+``train(config_or_path, **sections)`` returning a ``TrainResult``, and ``experiment`` (``run``, ``plan``,
+``status`` of experiment specs). Heavy modules are imported on first
 use, so ``import flame`` stays fast.
 """
 
@@ -23,7 +24,7 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 if TYPE_CHECKING:
     from flame.trainer import Trainer, TrainResult
 
-__all__ = ["ConfigError", "JobConfig", "TrainResult", "Trainer", "load_toml", "parse_args", "train"]
+__all__ = ["ConfigError", "JobConfig", "TrainResult", "Trainer", "experiment", "load_toml", "parse_args", "train"]
 
 
 def train(config: JobConfig | str | os.PathLike, **sections: dict[str, Any]) -> TrainResult:
@@ -46,6 +47,10 @@ def train(config: JobConfig | str | os.PathLike, **sections: dict[str, Any]) -> 
 
 
 def __getattr__(name: str) -> Any:
+    if name == "experiment":  # flame.experiment.run(spec): imported on first use
+        import importlib
+
+        return importlib.import_module("flame.experiment")
     if name in ("Trainer", "TrainResult"):
         import flame.trainer
 
