@@ -64,6 +64,7 @@ class StageKind:
     name = "train"
     keys: tuple[str, ...] = ()  # extra stage keys this kind accepts
     config_keys = True  # override/space keys are dotted keys of the training schema
+    trains = True  # its trials train for training.steps (status shows step/steps)
 
     def check_stage(self, stage: Stage, where: str, add: Add) -> None:
         if stage.config is None and (not stage.contenders or not all(c.config for c in stage.contenders)):
@@ -112,6 +113,7 @@ class EvaluateKind(StageKind):
 
     name = "evaluate"
     keys = ("checkpoint", "lm_eval")
+    trains = False
     LM_EVAL_KEYS = ("tasks", "include_path", "limit", "num_fewshot", "batch_size")
 
     def check_stage(self, stage: Stage, where: str, add: Add) -> None:
@@ -172,6 +174,7 @@ class PythonKind(StageKind):
     name = "python"
     keys = ("function",)
     config_keys = False
+    trains = False
 
     def check_stage(self, stage: Stage, where: str, add: Add) -> None:
         fn = stage.options.get("function")
@@ -206,7 +209,8 @@ class PythonKind(StageKind):
 
 
 _KINDS: dict[str, StageKind] = {k.name: k for k in (StageKind(), EvaluateKind(), PythonKind())}
-# Modules imported on the first lookup of a kind: each registers its kinds (e.g. a distill stage).
+# Modules imported on the first lookup of a kind: each registers its kinds (e.g. a distill stage). The
+# environment variable FLAME_STAGE_KINDS adds more (a comma list of modules of the user's own packages).
 PLUGIN_MODULES: list[str] = []
 _loaded: set[str] = set()
 
@@ -214,7 +218,8 @@ _loaded: set[str] = set()
 def _load_plugins() -> None:
     import importlib
 
-    for module in PLUGIN_MODULES:
+    extra = [m.strip() for m in os.environ.get("FLAME_STAGE_KINDS", "").split(",") if m.strip()]
+    for module in PLUGIN_MODULES + extra:
         if module not in _loaded:
             _loaded.add(module)
             importlib.import_module(module)

@@ -29,10 +29,13 @@ from flame.experiments.records import Records, pid_alive
 from flame.experiments.spec import Experiment
 from flame.experiments.trial import Outcome, inspect, log_tail
 
-# Runs the trial's command, forwards stop signals to it, and leaves its exit code in exit.json.
+# Runs the trial's command, forwards stop signals to it, and leaves its exit code in exit.json. A trial
+# that was asked to stop and did not finish counts as preempted (75) whatever its code: a signal that came
+# before its own handlers were installed (during start-up) killed it with 143, and it is resumable.
 WRAPPER = (
-    'rm -f "$0"; "$@" & c=$!; trap "kill -TERM $c 2>/dev/null" TERM INT HUP; wait $c; s=$?; '
-    'while kill -0 $c 2>/dev/null; do wait $c; s=$?; done; printf \'{"code": %d}\\n\' $s > "$0"; exit $s'
+    'rm -f "$0"; "$@" & c=$!; trap "t=1; kill -TERM $c 2>/dev/null" TERM INT HUP; wait $c; s=$?; '
+    'while kill -0 $c 2>/dev/null; do wait $c; s=$?; done; [ -n "${t:-}" ] && [ $s -ne 0 ] && s=75; '
+    'printf \'{"code": %d}\\n\' $s > "$0"; exit $s'
 )
 
 
@@ -166,7 +169,7 @@ class LocalLauncher:
             outcome.status = "failed"
         if code == 0 and outcome.status != "done":  # exited 0 but left no finished run (e.g. killed kernel)
             outcome.status = "failed"
-        if code == 75 or (code < 0 and self.stopping):
+        if code == 75 or (code != 0 and self.stopping):
             outcome.status = "preempted"
         seconds = time.monotonic() - run.start
         if outcome.status in ("done", "failed"):

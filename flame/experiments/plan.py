@@ -115,9 +115,9 @@ def _readable(contender: str | None, params: dict[str, Any]) -> str:
             text = os.path.splitext(os.path.basename(value.rstrip("/")))[0]
         else:
             text = str(value)
-        parts.append(f"{short}{text}")
+        parts.append(f"{short[:8]}{text[:12]}")
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts)).strip("_-.")
-    return name[:60] or "trial"
+    return name[:48].rstrip("_-.") or "trial"
 
 
 def _grid_points(space: dict[str, Any]) -> list[dict[str, Any]]:
@@ -141,6 +141,7 @@ class StageExpansion:
         if waiting:
             raise Waiting(waiting)
         fan_stages = sorted({link.stage for _, link in stage.links() if link.fans_out})
+        self.fan_stages = fan_stages
         choices = []
         for name in fan_stages:
             link = next(lk for _, lk in stage.links() if lk.stage == name and lk.fans_out)
@@ -209,7 +210,9 @@ class StageExpansion:
             group.contender.name if group.contender else None,
             {k: v for k, v in params.items() if k in searched or not isinstance(v, str)},
         )
-        trial_id = f"{name}-{config_hash({'kind': stage.kind, 'material': material})}"
+        # Trials from different upstream survivors stay apart even where their configs agree (lineage).
+        fanned = {s: group.lineage[s] for s in self.fan_stages}
+        trial_id = f"{name}-{config_hash({'kind': stage.kind, 'material': material, 'from': fanned})}"
         folder = os.path.join(self.exp.root, stage.name, trial_id)
         if config is not None:
             from flame.config.loader import apply_overrides
@@ -227,7 +230,7 @@ class StageExpansion:
             values=extra,
             ngpu=stage.ngpu,
             nnode=stage.nnode,
-            steps=config.training.steps if config is not None and stage.kind == "train" else 0,
+            steps=config.training.steps if config is not None and self.kind.trains else 0,
         )
 
     def is_sampled(self, group: Group) -> bool:

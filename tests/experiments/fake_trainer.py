@@ -1,0 +1,66 @@
+"""A stand-in for train.sh with flame's run-folder contract; its loss is a pure function of the config.
+
+loss(step) = 1 + (log10(lr) + 2.5)^2 + 0.01 * seed + 1 / step (best lr: 10^-2.5). Checkpoints every
+``checkpoint.interval`` steps (``step-N/.metadata``); resumes from the newest; SIGTERM: save, write
+preempted.json, exit 75; ``optimizer.lr >= 0.5``: "diverged" at step 2, exit 1. FAKE_STEP_SECONDS slows it.
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from flame.config.loader import load_toml  # noqa: E402
+
+config = load_toml(sys.argv[1])
+folder = config.job.dump_folder
+ck = os.path.join(folder, "checkpoint")
+steps, lr, seed = config.training.steps, config.optimizer.lr, config.training.seed
+done = (
+    [int(n[5:]) for n in os.listdir(ck) if os.path.exists(os.path.join(ck, n, ".metadata"))]
+    if os.path.isdir(ck)
+    else []
+)  # noqa: E501
+start = max(done, default=0)
+if os.path.exists(os.path.join(folder, "preempted.json")):
+    os.remove(os.path.join(folder, "preempted.json"))
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+metrics_path = os.path.join(folder, "metrics.jsonl")
+kept = []
+if os.path.exists(metrics_path):
+    kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= start]
+with open(metrics_path, "w") as f:
+    f.writelines(kept)
+print(f"fake trainer: {'resumed at step ' + str(start) if start else 'fresh start'}", flush=True)
+
+
+def save(step):
+    os.makedirs(os.path.join(ck, f"step-{step}"), exist_ok=True)
+    open(os.path.join(ck, f"step-{step}", ".metadata"), "w").close()
+
+
+loss = None
+for step in range(start + 1, steps + 1):
+    time.sleep(float(os.environ.get("FAKE_STEP_SECONDS", "0")))
+    if lr >= 0.5 and step == 2:
+        print("flame: error: training diverged: 10 consecutive steps with a non-finite gradient norm", flush=True)
+        sys.exit(1)
+    loss = 1 + (math.log10(lr) + 2.5) ** 2 + 0.01 * seed + 1 / step
+    record = {"step": step, "loss": loss}
+    if step == steps:
+        record["validation_loss"] = loss
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if step % config.checkpoint.interval == 0 or step == steps or stop:
+        save(step)
+    if stop:
+        json.dump({"step": step, "signal": "SIGTERM"}, open(os.path.join(folder, "preempted.json"), "w"))
+        print(f"fake trainer: stopped after step {step}", flush=True)
+        sys.exit(75)
+summary = {"steps": steps, "final_loss": loss, "final_validation_loss": loss,
+           "checkpoint": os.path.join(ck, f"step-{steps}"), "hf_export": None}  # fmt: skip
+json.dump(summary, open(os.path.join(folder, "summary.json"), "w"))
