@@ -138,7 +138,9 @@ class LocalLauncher:
             preexec_fn=_parent_death_signal,
         )
         self.running[item.key] = Running(item, proc, time.monotonic(), gpus, log)
-        attempt = sum(1 for e in self.records.events if e["event"] == "launch" and e.get("trial") == item.key)
+        attempt = sum(
+            e["event"] == "launch" and e["stage"] == trial.stage and e["trial"] == item.key for e in self.records.events
+        )
         self.records.append(
             "launch", stage=trial.stage, trial=item.key, pid=proc.pid, host=socket.gethostname(), attempt=attempt + 1
         )

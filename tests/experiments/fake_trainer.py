@@ -13,7 +13,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from flame.config.loader import load_toml  # noqa: E402
+from flame.config.loader import load_toml
 
 config = load_toml(sys.argv[1])
 folder = config.job.dump_folder
@@ -23,7 +23,7 @@ done = (
     [int(n[5:]) for n in os.listdir(ck) if os.path.exists(os.path.join(ck, n, ".metadata"))]
     if os.path.isdir(ck)
     else []
-)  # noqa: E501
+)
 start = max(done, default=0)
 if os.path.exists(os.path.join(folder, "preempted.json")):
     os.remove(os.path.join(folder, "preempted.json"))

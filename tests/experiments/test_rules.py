@@ -152,7 +152,7 @@ space = { pair = { zip = { "optimizer.lr" = [1e-3, 2e-3, 4e-3], "training.seed" 
 """
     )
     trials = api.plan(spec)["stages"][0]["trials"]
-    assert sorted((t["params"]["optimizer.lr"], t["params"]["training.seed"], t["params"]["training.steps"]) for t in trials) == [  # noqa: E501
+    assert sorted((t["params"]["optimizer.lr"], t["params"]["training.seed"], t["params"]["training.steps"]) for t in trials) == [
         (1e-3, 7, 2), (1e-3, 7, 3), (2e-3, 8, 2), (2e-3, 8, 3), (4e-3, 9, 2), (4e-3, 9, 3)]  # fmt: skip
     assert all(t["status"] == "planned" for t in trials)
 
@@ -207,7 +207,7 @@ def test_tpe_rounds_are_the_same_after_an_interruption(write_spec, monkeypatch, 
         RANDOM.replace("KIND", "tpe")
         .replace("SEED", "3")
         .replace("samples = 5", "samples = 6, options = { n_startup_trials = 2 }")
-    )  # noqa: E501
+    )
     straight = api.run(write_spec(text), echo=lambda *a, **k: None).stage("search")["trials"]
     assert len(straight) == 6 * 2
     records = [json.loads(line) for line in open(tmp_path / "exp" / "records.jsonl")]
@@ -248,7 +248,7 @@ def test_failed_trials_are_recorded_and_max_failures_stops(write_spec, tmp_path)
             "reduce =", "max_failures = 0\nreduce ="
         ),
         "s.toml",
-    )  # noqa: E501
+    )
     with pytest.raises(ExperimentError, match=r"stage 'search': 1 trials failed, more than max_failures = 0"):
         api.run(strict, echo=lambda *a, **k: None)
 
