@@ -152,7 +152,8 @@ class StageExpansion:
         self.groups: list[Group] = []
         for combo in itertools.product(*choices):
             picked = dict(zip(fan_stages, combo, strict=True))
-            for contender in stage.contenders or [None]:
+            contenders: list[Contender | None] = list(stage.contenders) or [None]
+            for contender in contenders:
                 self.groups.append(self._group(contender, picked, views))
 
     def _link_value(self, key: str, link: Link, picked: dict[str, Outcome], views: dict[str, StageView]) -> Any:

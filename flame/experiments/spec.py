@@ -473,13 +473,14 @@ def load_spec(source: str | os.PathLike | dict[str, Any], launcher: str | None =
         problems.add("[experiment.slurm]", "must be a table")
         slurm = {}
     problems.unknown("[experiment.slurm]", set(slurm), SLURM_KEYS)
-    for f in dataclasses.fields(Slurm):
-        if f.name in slurm:
-            value, default = slurm[f.name], getattr(exp.slurm, f.name)
-            if type(value) is not type(default) or (f.name == "options" and not all(isinstance(o, str) for o in value)):
-                problems.add(f"[experiment.slurm] {f.name}", f"expected {type(default).__name__}, got {value!r}")
+    for slurm_field in dataclasses.fields(Slurm):
+        key = slurm_field.name
+        if key in slurm:
+            value, default = slurm[key], getattr(exp.slurm, key)
+            if type(value) is not type(default) or (key == "options" and not all(isinstance(o, str) for o in value)):
+                problems.add(f"[experiment.slurm] {key}", f"expected {type(default).__name__}, got {value!r}")
             else:
-                setattr(exp.slurm, f.name, value)
+                setattr(exp.slurm, key, value)
     stages = data.get("stage", [])
     if not isinstance(stages, list) or not stages:
         problems.add("[[stage]]", "the spec needs at least one [[stage]] table")

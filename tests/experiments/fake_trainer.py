@@ -61,6 +61,11 @@ for step in range(start + 1, steps + 1):
         json.dump({"step": step, "signal": "SIGTERM"}, open(os.path.join(folder, "preempted.json"), "w"))
         print(f"fake trainer: stopped after step {step}", flush=True)
         sys.exit(75)
-summary = {"steps": steps, "final_loss": loss, "final_validation_loss": loss,
-           "checkpoint": os.path.join(ck, f"step-{steps}"), "hf_export": None}  # fmt: skip
+summary = {
+    "steps": steps,
+    "final_loss": loss,
+    "final_validation_loss": loss,
+    "checkpoint": os.path.join(ck, f"step-{steps}"),
+    "hf_export": None,
+}
 json.dump(summary, open(os.path.join(folder, "summary.json"), "w"))

@@ -36,68 +36,68 @@ CASES = {
         "EXPERIMENT_EXTRA",
         "maxparallel = 2",
         ["[experiment]", "'maxparallel'", "Did you mean 'max_parallel'"],
-    ),  # noqa: E501
+    ),
     "unknown stage key": (
         "SEARCH_EXTRA",
         "overide = { 'training.steps' = 3 }",
         ["'search'", "'overide'", "'override'"],
-    ),  # noqa: E501
+    ),
     "space over a key the schema lacks": (
         "SEARCH_EXTRA",
         "override = { 'optimizer.lrr' = 0.1 }",
         ["'search'", "'optimizer.lrr'", "'optimizer.lr'"],
-    ),  # noqa: E501
+    ),
     "loguniform <= 0": (
         "SEARCH_EXTRA",
         "search = { kind = 'random', samples = 2 }\nspace = { 'optimizer.eps' = { loguniform = [0.0, 1e-2] } }",
         ["'search'", "'optimizer.eps'", "bounds must be > 0"],
-    ),  # noqa: E501
+    ),
     "low >= high": (
         "SEARCH_EXTRA",
         "search = { kind = 'random', samples = 2 }\nspace = { 'optimizer.weight_decay' = { uniform = [0.2, 0.1] } }",
         ["'search'", "'optimizer.weight_decay'", "low must be below high"],
-    ),  # noqa: E501
+    ),
     "empty grid": (
         "SEARCH_EXTRA",
         "space = { 'training.seed' = { grid = [] } }",
         ["'search'", "'training.seed'", "non-empty list"],
-    ),  # noqa: E501
+    ),
     "top_k < 1": ("SEARCH_EXTRA", "reduce = { top_k = 0 }", ["'search'", "reduce", "top_k must be an integer >= 1"]),
     "link to an unknown stage": (
         "SEARCH_EXTRA",
         "",
         ["'next'", "'optimizer.lr'", "unknown stage 'serch'", "Did you mean 'search'"],
-    ),  # noqa: E501
+    ),
     "link to a later stage": (
         "SEARCH_EXTRA",
         "override = { 'training.seed' = { link = 'next', field = 'training.seed' } }",
         ["'search'", "'training.seed'", "not earlier"],
-    ),  # noqa: E501
+    ),
     "a field that does not exist": (
         "SEARCH_EXTRA",
         "",
         ["'next'", "field 'optimizer.lrr'", "Did you mean 'optimizer.lr'"],
-    ),  # noqa: E501
+    ),
     "samples missing for random": (
         "SEARCH_EXTRA",
         "search = { kind = 'random' }",
         ["'search'", "search", "needs samples"],
-    ),  # noqa: E501
+    ),
     "samples missing for tpe": (
         "SEARCH_EXTRA",
         "search = { kind = 'tpe' }",
         ["'search'", "search", "'tpe' needs samples"],
-    ),  # noqa: E501
+    ),
     "a distribution without search": (
         "SEARCH_EXTRA",
         "space = { 'optimizer.eps' = { loguniform = [1e-9, 1e-7] } }",
         ["'search'", "optimizer.eps", "sampled; set search"],
-    ),  # noqa: E501
+    ),
     "a base config training refuses": (
         "SEARCH_EXTRA",
         "override = { 'training.steps' = 0 }",
         ["'search'", "--training.steps must be a positive integer"],
-    ),  # noqa: E501
+    ),
     "an unknown stage kind": ("SEARCH_EXTRA", "kind = 'trian'", ["'search'", "kind 'trian' is not allowed"]),
 }
 
@@ -150,5 +150,5 @@ def test_command_line_exit_code(write_spec):
     path = write_spec(_spec("top_k < 1"))
     proc = subprocess.run(
         [PYTHON, "-m", "flame.experiment", "run", str(path)], cwd=ROOT, env=env(), capture_output=True, text=True
-    )  # noqa: E501
+    )
     assert proc.returncode == 2 and "top_k must be an integer >= 1" in proc.stderr and "Traceback" not in proc.stderr

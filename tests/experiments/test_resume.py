@@ -58,21 +58,27 @@ def wait_for(check, timeout: float, what: str) -> None:
 def kill_and_resume(write_spec, tmp_path: Path, kind: str, steps: int, timeout: float, **extra_env: str) -> None:
     reference = write_spec(
         SPEC.replace("ROOT", str(tmp_path / "ref")).replace("KIND", kind).replace("STEPS", str(steps)), "ref.toml"
-    )  # noqa: E501
+    )
     spec = write_spec(SPEC.replace("ROOT", str(tmp_path / "exp")).replace("KIND", kind).replace("STEPS", str(steps)))
     root = tmp_path / "exp"
-    driver = subprocess.Popen([PYTHON, "-m", "flame.experiment", "run", str(spec)], cwd=ROOT, env=env(**extra_env),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    driver = subprocess.Popen(
+        [PYTHON, "-m", "flame.experiment", "run", str(spec)],
+        cwd=ROOT,
+        env=env(**extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for(
             lambda: any(e["event"] == "end" and e["status"] == "done" for e in records(root)),
             timeout,
             "a trial to finish",
-        )  # noqa: E501
+        )
         wait_for(lambda: sum(e["event"] == "launch" for e in records(root)) >= 2, timeout, "the second launch")
         second = [e for e in records(root) if e["event"] == "launch"][1]["trial"]
         ck = root / "search" / second / "checkpoint"
-        wait_for(lambda: ck.is_dir() and any((p / ".metadata").exists() for p in ck.iterdir()), timeout, "a checkpoint")  # noqa: E501
+        wait_for(lambda: ck.is_dir() and any((p / ".metadata").exists() for p in ck.iterdir()), timeout, "a checkpoint")
         driver.send_signal(signal.SIGKILL)
         driver.wait()
     finally:
@@ -82,10 +88,16 @@ def kill_and_resume(write_spec, tmp_path: Path, kind: str, steps: int, timeout: 
     exit_file = root / "search" / second / "exit.json"
     wait_for(exit_file.exists, timeout, "the interrupted trial to stop")
     assert json.loads(exit_file.read_text())["code"] == 75
-    first = [e for e in records(root) if e["event"] == "end" and e["status"] == "done"][0]["trial"]
+    first = next(e for e in records(root) if e["event"] == "end" and e["status"] == "done")["trial"]
     untouched = {name: digest(root / "search" / first / name) for name in ("metrics.jsonl", "summary.json")}
-    proc = subprocess.run([PYTHON, "-m", "flame.experiment", "run", str(spec)], cwd=ROOT, env=env(**extra_env),
-                          capture_output=True, text=True, timeout=timeout * 4)  # fmt: skip
+    proc = subprocess.run(
+        [PYTHON, "-m", "flame.experiment", "run", str(spec)],
+        cwd=ROOT,
+        env=env(**extra_env),
+        capture_output=True,
+        text=True,
+        timeout=timeout * 4,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert {name: digest(root / "search" / first / name) for name in untouched} == untouched
     assert f"search/{first}" not in proc.stdout.split("experiment resume in")[0]  # not launched again
@@ -98,14 +110,14 @@ def kill_and_resume(write_spec, tmp_path: Path, kind: str, steps: int, timeout: 
     for g, w in zip(got["stages"], want["stages"], strict=True):
         assert [(t["id"], t["status"], t["metric"]) for t in g["trials"]] == [
             (t["id"], t["status"], t["metric"]) for t in w["trials"]
-        ]  # noqa: E501
+        ]
         assert g["best"] == w["best"]
 
 
 def test_kill_driver_and_resume(write_spec, tmp_path):
     kill_and_resume(
         write_spec, tmp_path, "fake", 10, 120, FAKE_STEP_SECONDS="0.3", FLAME_STAGE_KINDS="tests.experiments.fake_kind"
-    )  # noqa: E501
+    )
 
 
 @pytest.mark.slow
@@ -115,13 +127,22 @@ def test_kill_driver_and_resume_real_training(write_spec, tmp_path):
 
 def test_status_while_another_process_drives(write_spec, tmp_path):
     spec = write_spec(SPEC.replace("ROOT", str(tmp_path / "exp")).replace("KIND", "fake").replace("STEPS", "100"))
-    driver = subprocess.Popen([PYTHON, "-m", "flame.experiment", "run", str(spec)], cwd=ROOT,
-                              env=env(FAKE_STEP_SECONDS="0.2", FLAME_STAGE_KINDS="tests.experiments.fake_kind"),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    driver = subprocess.Popen(
+        [PYTHON, "-m", "flame.experiment", "run", str(spec)],
+        cwd=ROOT,
+        env=env(FAKE_STEP_SECONDS="0.2", FLAME_STAGE_KINDS="tests.experiments.fake_kind"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: any(e["event"] == "launch" for e in records(tmp_path / "exp")), 60, "a launch")
-        proc = subprocess.run([PYTHON, "-m", "flame.experiment", "status", str(spec), "--json"], cwd=ROOT,
-                              env=env(FLAME_STAGE_KINDS="tests.experiments.fake_kind"), capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(
+            [PYTHON, "-m", "flame.experiment", "status", str(spec), "--json"],
+            cwd=ROOT,
+            env=env(FLAME_STAGE_KINDS="tests.experiments.fake_kind"),
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stderr
         status = json.loads(proc.stdout)
         assert set(status) >= {"experiment", "root", "stages"} and status["experiment"] == "resume"
@@ -141,8 +162,13 @@ def test_status_while_another_process_drives(write_spec, tmp_path):
                 "lineage",
             }
             assert t["steps"] == 100 and isinstance(t["params"]["optimizer.lr"], float)
-        proc = subprocess.run([PYTHON, "-m", "flame.experiment", "run", str(spec)], cwd=ROOT,
-                              env=env(FLAME_STAGE_KINDS="tests.experiments.fake_kind"), capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(
+            [PYTHON, "-m", "flame.experiment", "run", str(spec)],
+            cwd=ROOT,
+            env=env(FLAME_STAGE_KINDS="tests.experiments.fake_kind"),
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 2 and "another driver is running" in proc.stderr
     finally:
         driver.terminate()

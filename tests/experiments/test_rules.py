@@ -43,7 +43,11 @@ def test_grid_reduce_and_link_to_the_winning_lr(write_spec):
     search = result.stage("search")
     assert len(search["trials"]) == 4
     assert sorted((t["params"]["optimizer.lr"], t["params"]["training.seed"]) for t in search["trials"]) == [
-        (1e-3, 0), (1e-3, 1), (3e-3, 0), (3e-3, 1)]  # fmt: skip
+        (1e-3, 0),
+        (1e-3, 1),
+        (3e-3, 0),
+        (3e-3, 1),
+    ]
     for t in search["trials"]:
         assert t["metric"] == pytest.approx(fake_loss(t["params"]["optimizer.lr"], t["params"]["training.seed"]))
     best = result.best("search")
@@ -97,7 +101,8 @@ space = { "training.seed" = { grid = [5, 6] } }
     each = result.stage("each")["trials"]
     assert len(each) == 2 * 2  # 2 survivors x 2 seeds
     assert {(t["lineage"]["scale-up"], t["params"]["training.seed"]) for t in each} == {
-        (s["id"], seed) for s in scale for seed in (5, 6)}  # fmt: skip
+        (s["id"], seed) for s in scale for seed in (5, 6)
+    }
 
 
 def test_contenders_are_the_union_and_tagged(write_spec):
@@ -129,7 +134,10 @@ space = { "optimizer.lr" = { grid = [3e-3] } }
     result = api.run(spec, echo=lambda *a, **k: None)
     trials = result.stage("search")["trials"]
     assert sorted((t["contender"], t["params"]["optimizer.lr"]) for t in trials) == [
-        ("large", 3e-3), ("small", 1e-3), ("small", 1e-2)]  # fmt: skip
+        ("large", 3e-3),
+        ("small", 1e-3),
+        ("small", 1e-2),
+    ]
     for t in trials:
         config = load_toml(os.path.join(t["dump_folder"], "config.toml"))
         assert (config.training.seed, config.training.steps) == ((1, 3) if t["contender"] == "small" else (2, 5))
@@ -152,8 +160,9 @@ space = { pair = { zip = { "optimizer.lr" = [1e-3, 2e-3, 4e-3], "training.seed" 
 """
     )
     trials = api.plan(spec)["stages"][0]["trials"]
-    assert sorted((t["params"]["optimizer.lr"], t["params"]["training.seed"], t["params"]["training.steps"]) for t in trials) == [
-        (1e-3, 7, 2), (1e-3, 7, 3), (2e-3, 8, 2), (2e-3, 8, 3), (4e-3, 9, 2), (4e-3, 9, 3)]  # fmt: skip
+    assert sorted(
+        (t["params"]["optimizer.lr"], t["params"]["training.seed"], t["params"]["training.steps"]) for t in trials
+    ) == [(1e-3, 7, 2), (1e-3, 7, 3), (2e-3, 8, 2), (2e-3, 8, 3), (4e-3, 9, 2), (4e-3, 9, 3)]
     assert all(t["status"] == "planned" for t in trials)
 
 
@@ -226,8 +235,12 @@ def test_tpe_rounds_are_the_same_after_an_interruption(write_spec, monkeypatch, 
     assert [(t["id"], t["metric"]) for t in resumed] == [(t["id"], t["metric"]) for t in straight]
     import optuna
 
-    study = optuna.load_study(study_name="search", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "exp" / "search" / "optuna.journal"))))  # fmt: skip
+    study = optuna.load_study(
+        study_name="search",
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(tmp_path / "exp" / "search" / "optuna.journal"))
+        ),
+    )
     assert len(study.trials) == 6
     best_flame = min(t["metric"] for t in straight)
     # the study's best is an ask's mean over its 2 seeds (seed adds 0.01 * seed): 0.005 above the best trial
