@@ -28,6 +28,7 @@ steps, or ``--no-append``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -40,13 +41,16 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
-from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+if TYPE_CHECKING:
+    from flame.config.schema import Training
 
 
 def raw_tokens_per_second(tokenizer, texts: list[str], chunk: int = 128) -> float:
@@ -83,7 +87,7 @@ def raw_concurrent_tokens_per_second(tokenizer, texts: list[str], processes: int
     return sum(d[3] for d in done) / (max(d[2] for d in done) - min(d[1] for d in done))
 
 
-def loader_tokens_per_second(training: SimpleNamespace, tokenizer, total_tokens: int) -> float:
+def loader_tokens_per_second(training: Training, tokenizer, total_tokens: int) -> float:
     """Tokens/s of the loader over about ``total_tokens`` tokens, timed after its first batch."""
     from flame.data import build_dataloader
 
@@ -146,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
+    from flame.config.schema import Training
     from flame.data.demo import build_demo
     from flame.data.loader import backend_tokenizer
 
@@ -184,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         pairs = []
         for _ in range(args.repeats):
             raw2 = raw_concurrent_tokens_per_second(tok, texts, 2)
-            loader2 = loader_tokens_per_second(SimpleNamespace(**base, num_workers=2), tokenizer, total_tokens)
+            loader2 = loader_tokens_per_second(
+                dataclasses.replace(Training(), **base, num_workers=2), tokenizer, total_tokens
+            )
             pairs.append((raw2, loader2))
         results["raw_2_processes_tokens_per_second"] = statistics.median(p[0] for p in pairs)
         results["loader_2_workers_paired_tokens_per_second"] = statistics.median(p[1] for p in pairs)
@@ -192,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         results["ratio_2_workers_vs_2_processes_each"] = [round(p[1] / p[0], 3) for p in pairs]
         loads.append(common.load_average())
         for workers in (0, 1, 2):
-            tps = loader_tokens_per_second(SimpleNamespace(**base, num_workers=workers), tokenizer, total_tokens)
+            tps = loader_tokens_per_second(
+                dataclasses.replace(Training(), **base, num_workers=workers), tokenizer, total_tokens
+            )
             raw = (
                 results["raw_pool_tokens_per_second"]
                 if workers == 0
@@ -200,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             results[f"loader_{workers}_workers_tokens_per_second"] = tps
             results[f"ratio_{workers}_workers"] = tps / raw
-        varlen = SimpleNamespace(**{**base, "varlen": True, "context_len": args.seq_len // 2}, num_workers=0)
+        varlen = dataclasses.replace(
+            Training(), **{**base, "varlen": True, "context_len": args.seq_len // 2}, num_workers=0
+        )
         tps = loader_tokens_per_second(varlen, tokenizer, total_tokens)
         results["loader_varlen_0_workers_tokens_per_second"] = tps
         results["ratio_varlen_0_workers"] = tps / results["raw_pool_tokens_per_second"]

@@ -33,10 +33,10 @@ def test_validation_loss_equals_a_direct_computation(train_args, fixed_docs):
         trainer.train()
         record = read_metrics(trainer.config.job.dump_folder)[-1]
         # Direct: transformers' own loss on the full rows (inputs + last target), batch by batch.
-        from flame.components.validation import validation_data_config
         from flame.data import build_dataloader
 
-        loader = iter(build_dataloader(validation_data_config(trainer.config), trainer.tokenizer))
+        config = trainer.config
+        loader = iter(build_dataloader(config.training, trainer.tokenizer, validation=config.validation))
         losses = []
         with torch.no_grad():
             for _ in range(3):

@@ -8,10 +8,8 @@ over all of them, so the number does not depend on the layout.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,23 +17,6 @@ import torch.distributed as dist
 from flame.config.schema import JobConfig
 
 IGNORE_INDEX = -100
-
-
-def validation_data_config(config: JobConfig) -> Any:
-    """The ``[training]`` section with the validation datasets, split and batch size swapped in."""
-    v, t = config.validation, config.training
-    return dataclasses.replace(
-        t,
-        dataset=v.dataset or t.dataset,
-        dataset_name=v.dataset_name if v.dataset else t.dataset_name,
-        dataset_split=v.dataset_split,
-        data_dir=v.data_dir if v.dataset else t.data_dir,
-        data_files=v.data_files if v.dataset else t.data_files,
-        data_probs=[] if v.dataset else t.data_probs,
-        batch_size=v.batch_size,
-        num_workers=0,
-        persistent_workers=False,
-    )
 
 
 class Validator:
@@ -60,8 +41,9 @@ class Validator:
         self.steps = config.validation.steps
         self.loss_mesh = loss_mesh
         self.device = device
+        # The [validation] datasets (or the training ones, read with validation.dataset_split), its batch size.
         self._build = lambda: build_dataloader(
-            validation_data_config(config), tokenizer, dp_rank=dp_rank, dp_world_size=dp_world_size
+            config.training, tokenizer, dp_rank=dp_rank, dp_world_size=dp_world_size, validation=config.validation
         )
         self._build()  # fail on bad validation data now, before any training step
 

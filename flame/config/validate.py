@@ -249,9 +249,13 @@ def _check_optimizer_name(name: str, problems: list[str]) -> None:
 def _check_data(config: JobConfig, problems: list[str]) -> None:
     # The data checks live with the data code (build_dataloader runs them too); here they also
     # report flags that would be ignored, such as context_len without varlen.
-    from flame.data.checks import data_problems
+    from flame.data.checks import data_problems, dataset_problems
+    from flame.data.flags import validation_flags
 
     problems.extend(data_problems(config.training, ignored_flags=True))
+    if config.validation.enable:
+        problems.extend(p for p in dataset_problems(validation_flags(config.validation, config.training))
+                        if p.startswith("--validation."))  # the training entries are reported above  # fmt: skip
     if config.training.varlen and config.experimental.pipeline_parallel_degree > 1:
         # the pipeline stages pass hidden states only: document boundaries would be lost silently
         problems.append(

@@ -76,7 +76,7 @@ def check_text(value: Any, spec: str, column: str, tokenized: bool) -> None:
     if not ok:
         want = "lists of token ids" if tokenized else "strings"
         raise ConfigError(
-            f"dataset {spec!r}: column {column!r} holds a {type(value).__name__} ({str(value)[:40]!r}); it must "
+            f"{spec}: column {column!r} holds a {type(value).__name__} ({str(value)[:40]!r}); it must "
             f"hold {want} (--training.text_column names the column to train on)"
         )
 
@@ -85,7 +85,7 @@ def check_text(value: Any, spec: str, column: str, tokenized: bool) -> None:
 class ReadContext:
     """What a reader needs besides its source: the shard, seeds and the tokenizer."""
 
-    index: int  # the source's position in --training.dataset
+    index: int  # the source's position in its section's dataset list
     shard_id: int
     num_shards: int
     seed: int
@@ -162,7 +162,7 @@ class ChunkReader:
         """Raise when a whole epoch, read from its start, handed on nothing; then reset the count."""
         if self._epoch_from_start and self._emitted == 0:
             raise ConfigError(
-                f"dataset {self.source.spec!r}: data shard {self.ctx.shard_id} of {self.ctx.num_shards} "
+                f"{self.source.spec}: data shard {self.ctx.shard_id} of {self.ctx.num_shards} "
                 f"{what} in a whole epoch; the dataset has too few non-empty documents for every "
                 "data-parallel rank and dataloader worker (--training.num_workers)"
             )
@@ -212,7 +212,8 @@ class MapDocuments:
         max_chunk_chars: int = 4_000_000,
     ) -> None:
         self.docs, self.column, self.tokenized = docs, column, tokenized
-        self.name, self.spec = name or spec or "data", spec or name
+        self.name = name or spec or "data"
+        self.spec = spec or f"dataset {self.name!r}"  # messages start with it
         self.docs_per_chunk, self.max_chunk_chars = docs_per_chunk, max_chunk_chars
         self.num_docs = len(docs)
 

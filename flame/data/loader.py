@@ -1,11 +1,5 @@
-"""``build_dataloader``: from the parsed ``[training]`` section to a resumable batch iterator.
-
-Attributes read from ``training`` (lists hold one entry per dataset, ``""`` = not given):
-``batch_size``, ``seq_len``, ``dataset``, ``dataset_name``, ``dataset_split``, ``data_dir``,
-``data_files`` (``;`` between several files/globs of one dataset), ``data_probs``,
-``text_column``, ``streaming``, ``shuffle_buffer_size``, ``varlen``, ``context_len``,
-``num_workers``, ``prefetch_factor``, ``pin_memory``, ``persistent_workers``, ``seed``.
-"""
+"""``build_dataloader``: from the parsed ``[training]`` (and ``[validation]``) sections to a resumable
+batch iterator. It reads the schema's dataclasses as they are: every default is the schema's."""
 
 from __future__ import annotations
 
@@ -18,8 +12,10 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 import flame.distributed.titan  # noqa: F401  (patches torchtitan for CPU; import it first)
 from flame.config.errors import ConfigError
-from flame.data.checks import data_problems
+from flame.config.schema import Training, Validation
+from flame.data.checks import data_problems, dataset_problems
 from flame.data.documents import MapDocuments
+from flame.data.flags import DatasetFlags, training_flags, validation_flags
 from flame.data.mixing import normalize_probs, source_metrics
 from flame.data.packing import PackedDataset
 from flame.data.sources import Source, load_source, pick_text_column, resolve_source, source_names
@@ -86,25 +82,27 @@ class FlameDataLoader(ParallelAwareDataloader):
         return source_metrics(dataset.names, dataset.probs, documents, tokens)
 
 
-def _open_source(training: Any, index: int, tokenizer: Any, eos_id: int, num_shards: int) -> tuple[Source, Any]:
+def _open_source(
+    flags: DatasetFlags, training: Training, index: int, tokenizer: Any, eos_id: int, num_shards: int
+) -> tuple[Source, Any]:
     """Resolve, load and check dataset ``index``; returns it and its ``MapDocuments``/``StreamDocuments``."""
-    src = resolve_source(training, index)  # cheap checks first: files, globs, folders
-    streaming = bool(getattr(training, "streaming", False))
+    src = resolve_source(flags, index)  # cheap checks first: files, globs, folders
+    streaming = training.streaming
     tokenized = src.kind == "tokenized"
     if tokenized:
-        check_tokenizer(src.spec, read_meta(src.path), tokenizer, eos_id)
+        check_tokenizer(src.described, read_meta(src.path, src.described), tokenizer, eos_id)
     ds = load_source(src, streaming=streaming, num_shards=num_shards)
     if tokenized:
         column = COLUMN
         if column not in (ds.column_names or []):
-            raise ConfigError(f"--training.dataset {src.label!r}: preprocessed folder without an {column!r} column")
+            raise ConfigError(f"{src.described}: preprocessed folder without an {column!r} column")
     else:
-        column = pick_text_column(ds, getattr(training, "text_column", ""), src.label)
+        column = pick_text_column(ds, training.text_column, src.described)
     if streaming:
-        buffer = int(getattr(training, "shuffle_buffer_size", 1000))
         docs = StreamDocuments(
-            ds.select_columns([column]), column=column, tokenized=tokenized, spec=src.label, buffer_size=buffer
-        )
+            ds.select_columns([column]), column=column, tokenized=tokenized, spec=src.described,
+            buffer_size=training.shuffle_buffer_size,
+        )  # fmt: skip
         mode = (
             "its own data files"
             if ds.num_shards % num_shards == 0
@@ -117,15 +115,22 @@ def _open_source(training: Any, index: int, tokenizer: Any, eos_id: int, num_sha
         return src, docs
     if len(ds) < num_shards:
         raise ConfigError(
-            f"--training.dataset {src.label!r} has {len(ds)} documents, fewer than the {num_shards} shards "
+            f"{src.described} has {len(ds)} documents, fewer than the {num_shards} shards "
             "(data-parallel ranks x --training.num_workers workers) that each need at least one"
         )
     return src, MapDocuments(
-        ds.select_columns([column]).with_format(None), column=column, tokenized=tokenized, spec=src.label
+        ds.select_columns([column]).with_format(None), column=column, tokenized=tokenized, spec=src.described
     )
 
 
-def build_dataloader(training: Any, tokenizer: Any, *, dp_rank: int = 0, dp_world_size: int = 1) -> FlameDataLoader:
+def build_dataloader(
+    training: Training,
+    tokenizer: Any,
+    *,
+    dp_rank: int = 0,
+    dp_world_size: int = 1,
+    validation: Validation | None = None,
+) -> FlameDataLoader:
     """Build this data-parallel rank's loader of packed token rows.
 
     Each batch is ``{"input_ids": LongTensor[batch_size, seq_len], "labels": same shape}``, labels
@@ -136,20 +141,20 @@ def build_dataloader(training: Any, tokenizer: Any, *, dp_rank: int = 0, dp_worl
     checkpoints keep every rank's position.
 
     Args:
-        training: the parsed ``[training]`` section (attributes: see this module's docstring).
+        training: the parsed ``[training]`` section.
         tokenizer: a transformers fast tokenizer with an ``eos_token_id``.
         dp_rank, dp_world_size: this rank's place among the data-parallel ranks.
+        validation: build the validation loader instead: the ``[validation]`` datasets (the training
+            ones read with ``validation.dataset_split`` when it names none), ``validation.batch_size``,
+            no worker processes; packing, tokenization and seed as in training.
 
     Raises:
         ConfigError: for bad settings, missing files, unloadable datasets, a missing or non-string
             text column, a preprocessed folder from another tokenizer, a tokenizer without EOS, or
-            too few documents.
+            too few documents. Messages name the flags of the section the data came from.
     """
-    problems = data_problems(training)
-    for flag, value, low in (("seq_len", training.seq_len, 1), ("batch_size", training.batch_size, 1),
-                             ("num_workers", training.num_workers, 0)):  # fmt: skip
-        if value < low:
-            problems.append(f"--training.{flag} must be >= {low}, got {value}")
+    flags = training_flags(training) if validation is None else validation_flags(validation, training)
+    problems = data_problems(training) + (dataset_problems(flags) if validation is not None else [])
     if not 0 <= dp_rank < dp_world_size:
         problems.append(f"data-parallel rank {dp_rank} is outside 0..{dp_world_size - 1}")
     if problems:
@@ -161,39 +166,38 @@ def build_dataloader(training: Any, tokenizer: Any, *, dp_rank: int = 0, dp_worl
             "eos_token in the tokenizer folder's tokenizer_config.json"
         )
     tok = backend_tokenizer(tokenizer)
-    num_workers = training.num_workers
+    num_workers = training.num_workers if validation is None else 0
+    batch_size = training.batch_size if validation is None else validation.batch_size
     num_shards = dp_world_size * max(1, num_workers)
-    opened = [_open_source(training, i, tokenizer, eos_id, num_shards) for i in range(len(training.dataset))]
+    opened = [_open_source(flags, training, i, tokenizer, eos_id, num_shards) for i in range(len(flags.dataset))]
     sources = [docs for _, docs in opened]
-    probs = normalize_probs(list(getattr(training, "data_probs", []) or []), len(sources))
+    probs = normalize_probs(flags.data_probs, len(sources))
     for docs, name, prob in zip(sources, source_names([src for src, _ in opened]), probs, strict=True):
         docs.name = name
         if len(sources) > 1:
             logger.info("source %r (%s): sampling probability %.3f", name, docs.spec, prob)
-    varlen = bool(getattr(training, "varlen", False))
     dataset = PackedDataset(
         sources,
         tok,
         eos_id,
         training.seq_len,
         probs=probs,
-        varlen=varlen,
-        context_len=getattr(training, "context_len", None),
+        varlen=training.varlen,
+        context_len=training.context_len,
         seed=training.seed,
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
     )
-    prefetch = getattr(training, "prefetch_factor", None)
     return FlameDataLoader(
         dataset,
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
-        batch_size=training.batch_size,
+        batch_size=batch_size,
         num_workers=num_workers,
-        collate_fn=collate_varlen if varlen else None,
+        collate_fn=collate_varlen if training.varlen else None,
         # ParallelAwareDataloader drops these two when num_workers == 0.
-        prefetch_factor=prefetch if prefetch and prefetch > 0 else None,
-        persistent_workers=bool(getattr(training, "persistent_workers", False)),
+        prefetch_factor=training.prefetch_factor,
+        persistent_workers=training.persistent_workers,
         # Pinned memory only helps host-to-GPU copies; on CPU torch warns and ignores it.
-        pin_memory=bool(getattr(training, "pin_memory", False)) and torch.cuda.is_available(),
+        pin_memory=training.pin_memory and torch.cuda.is_available(),
     )

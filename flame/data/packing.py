@@ -114,25 +114,20 @@ class PackedDataset(IterableDataset):
         *,
         probs: list[float] | None = None,
         varlen: bool = False,
-        context_len: int | None = None,
+        context_len: int = 0,
         seed: int = 0,
         dp_rank: int = 0,
         dp_world_size: int = 1,
         max_part_chars: int | None = None,
     ) -> None:
         super().__init__()
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        if not 0 <= dp_rank < dp_world_size:
-            raise ValueError(f"dp_rank {dp_rank} is outside 0..{dp_world_size - 1}")
+        # The settings arrive checked (flame.data.checks via build_dataloader, and validate).
         self.sources = list(sources)
         self.names = [s.name for s in self.sources]
         self.probs = normalize_probs(list(probs or []), len(self.sources))
         self.tokenizer, self.eos_id, self.seq_len = tokenizer, int(eos_id), int(seq_len)
         self.varlen = bool(varlen)
-        self.context_len = int(context_len or seq_len) if varlen else 0
-        if varlen and not 1 <= self.context_len <= seq_len:
-            raise ValueError(f"context_len must be in 1..seq_len ({seq_len}), got {self.context_len}")
+        self.context_len = int(context_len) if varlen else 0
         self.seed, self.dp_rank, self.dp_world_size = int(seed), dp_rank, dp_world_size
         self.max_part_chars = max_part_chars or documents.MAX_PART_CHARS
         self._state = self._initial_state()

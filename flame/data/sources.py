@@ -1,4 +1,4 @@
-"""Finding, checking and loading the text source named by ``--training.dataset``.
+"""Finding, checking and loading the text sources named by ``--training.dataset`` (or ``--validation.dataset``).
 
 A source is one of:
 
@@ -15,21 +15,28 @@ A source is one of:
 ``--training.data_files`` holds one entry per dataset; one entry may name several files or
 globs separated by ``;`` (e.g. ``"a/*.jsonl;b/extra.jsonl"``). Relative entries are resolved
 the way ``datasets`` resolves them: against ``--training.data_dir`` (or the working directory)
-for a builder, against the folder (plus ``data_dir``) for a local folder.
+for a builder, against the folder (plus ``data_dir``) for a local folder. ``datasets`` puts
+``data_files`` into one split named ``train``: when another split is asked of them (the validation
+section's default is ``validation``), that one split is read and the choice logged.
 
 Everything that can be checked on the local disk is checked before ``datasets`` does any work,
-so a typo fails in milliseconds with a message naming the flag, not deep inside a worker.
+so a typo fails in milliseconds with a message naming the flag, not deep inside a worker. Every
+message names the flags of the section the dataset came from (``DatasetFlags``).
 """
 
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from flame.config.errors import ConfigError
+from flame.data.flags import DatasetFlags
 from flame.data.tokenized import is_tokenized_folder
+
+logger = logging.getLogger("flame.data")
 
 # Builder names that `datasets` ships (datasets.packaged_modules); kept here so that checking a
 # source does not need to import `datasets` (about a second) just to classify a name.
@@ -50,9 +57,10 @@ _STRING_DTYPES = ("string", "large_string")
 class Source:
     """One checked dataset source; ``kind`` is "builder", "folder", "disk", "tokenized" or "hub"."""
 
-    spec: str  # the --training.dataset entry as given (used in messages)
+    spec: str  # the --training.dataset (or --validation.dataset) entry as given
     kind: str
     path: str  # what load_dataset / load_from_disk receives
+    flags: DatasetFlags  # the section the entry came from: messages name its flags
     name: str = ""
     split: str = "train"
     data_dir: str = ""
@@ -64,6 +72,13 @@ class Source:
         if self.spec in BUILDERS and self.data_files:
             return f"{self.spec} ({';'.join(self.data_files)})"
         return self.spec
+
+    @property
+    def described(self) -> str:
+        """The flag and the dataset, for messages: ``--validation.dataset 'json (valid.jsonl)'``; the
+        training datasets read for validation say so."""
+        text = f"{self.flags.flag('dataset')} {self.label!r}"
+        return text + " (read for validation: --validation.dataset is empty)" if self.flags.borrowed else text
 
 
 def split_data_files(entry: str) -> list[str]:
@@ -82,9 +97,10 @@ def _entry(values: list[Any], index: int, default: Any, broadcast: bool = False)
     return default
 
 
-def _check_files(spec: str, patterns: list[str], base: str) -> None:
+def _check_files(spec: str, patterns: list[str], base: str, flags: DatasetFlags) -> None:
     """Raise ConfigError for each data_files path/glob (relative to ``base``) that finds nothing."""
     problems = []
+    files, data_dir = flags.flag("data_files"), flags.flag("data_dir")
     for pattern in patterns:
         if "://" in pattern:  # remote (hf://, s3://...): only datasets can check it
             continue
@@ -94,16 +110,16 @@ def _check_files(spec: str, patterns: list[str], base: str) -> None:
         if glob.has_magic(path):
             if not [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]:
                 problems.append(
-                    f"--training.data_files {pattern!r} (dataset {spec!r}): the glob matches no "
+                    f"{files} {pattern!r} (dataset {spec!r}): the glob matches no "
                     f"files (looked in {os.path.dirname(path) or '.'!r})"
                 )
         elif os.path.isdir(path):
             problems.append(
-                f"--training.data_files {pattern!r} (dataset {spec!r}) is a folder; give files or "
-                "a glob such as 'folder/*.jsonl', or pass the folder as --training.data_dir"
+                f"{files} {pattern!r} (dataset {spec!r}) is a folder; give files or "
+                f"a glob such as 'folder/*.jsonl', or pass the folder as {data_dir}"
             )
         elif not os.path.isfile(path):
-            problems.append(f"--training.data_files {pattern!r} (dataset {spec!r}): no such file ({path!r})")
+            problems.append(f"{files} {pattern!r} (dataset {spec!r}): no such file ({path!r})")
     if problems:
         raise ConfigError(problems)
 
@@ -123,31 +139,32 @@ def _looks_local(spec: str) -> bool:
     )
 
 
-def resolve_source(training: Any, index: int = 0) -> Source:
-    """Classify and check dataset ``index`` of the training section; no data is read.
+def resolve_source(flags: DatasetFlags, index: int = 0) -> Source:
+    """Classify and check dataset ``index`` of a section's dataset flags; no data is read.
 
     Raises ConfigError for a missing file/folder, a data_files glob matching nothing, a builder
     without files, or data_files/data_dir given where they cannot apply.
     """
-    spec = str(training.dataset[index]).strip()
-    name = _entry(training.dataset_name, index, "")
-    split = _entry(getattr(training, "dataset_split", []), index, "train", broadcast=True)
-    data_dir = _entry(getattr(training, "data_dir", []), index, "")
-    files = split_data_files(_entry(getattr(training, "data_files", []), index, ""))
-    src = Source(spec, "hub", spec, name, split, data_dir, files)
+    spec = str(flags.dataset[index]).strip()
+    name = _entry(flags.dataset_name, index, "")
+    # An empty split entry means the datasets library's own default split.
+    split = _entry(flags.dataset_split, index, "train", broadcast=True)
+    data_dir = _entry(flags.data_dir, index, "")
+    files = split_data_files(_entry(flags.data_files, index, ""))
+    src = Source(spec, "hub", spec, flags, name, split, data_dir, files)
+    f_dataset, f_files, f_dir, f_name = (flags.flag(k) for k in ("dataset", "data_files", "data_dir", "dataset_name"))
 
     if spec in BUILDERS:
         src.kind = "builder"
         if not files and not data_dir:
             raise ConfigError(
-                f"--training.dataset {spec!r} is a datasets builder and needs "
-                "--training.data_files (paths or globs, several separated by ';') or "
-                "--training.data_dir"
+                f"{f_dataset} {spec!r} is a datasets builder and needs {f_files} (paths or globs, several "
+                f"separated by ';') or {f_dir}"
             )
         if data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
-            raise ConfigError(f"--training.data_dir {data_dir!r} (dataset {spec!r}): no such folder")
+            raise ConfigError(f"{f_dir} {data_dir!r} (dataset {spec!r}): no such folder")
         src.data_dir = os.path.expanduser(data_dir)
-        _check_files(spec, files, src.data_dir or os.getcwd())
+        _check_files(spec, files, src.data_dir or os.getcwd(), flags)
         return src
 
     local = os.path.expanduser(spec)
@@ -155,46 +172,36 @@ def resolve_source(training: Any, index: int = 0) -> Source:
         builder = EXTENSION_BUILDERS.get(os.path.splitext(local)[1].lower())
         if builder is None:
             raise ConfigError(
-                f"--training.dataset {spec!r} is a file with an unknown extension; allowed: "
+                f"{f_dataset} {spec!r} is a file with an unknown extension; allowed: "
                 f"{', '.join(sorted(EXTENSION_BUILDERS))} (or name a builder such as 'json' and "
-                "pass the file as --training.data_files)"
+                f"pass the file as {f_files})"
             )
         if files or data_dir:
-            raise ConfigError(
-                f"--training.dataset {spec!r} is a single file; --training.data_files and "
-                "--training.data_dir do not apply to it"
-            )
+            raise ConfigError(f"{f_dataset} {spec!r} is a single file; {f_files} and {f_dir} do not apply to it")
         src.kind, src.path, src.data_files = "builder", builder, [local]
         return src
 
     if os.path.isdir(local):
         src.path = local
-        if is_tokenized_folder(local):
-            src.kind = "tokenized"
+        if is_tokenized_folder(local) or _is_saved_to_disk(local):
+            src.kind = "tokenized" if is_tokenized_folder(local) else "disk"
             if files or data_dir or name:
-                raise ConfigError(
-                    f"--training.dataset {spec!r} is a preprocessed (tokenized) folder; "
-                    "--training.dataset_name, --training.data_files and --training.data_dir do not apply to it"
+                what = (
+                    "preprocessed (tokenized) folder" if src.kind == "tokenized" else "folder written by save_to_disk"
                 )
-            return src
-        if _is_saved_to_disk(local):
-            src.kind = "disk"
-            if files or data_dir or name:
                 raise ConfigError(
-                    f"--training.dataset {spec!r} is a folder written by save_to_disk; "
-                    "--training.dataset_name, --training.data_files and --training.data_dir do "
-                    "not apply to it"
+                    f"{f_dataset} {spec!r} is a {what}; {f_name}, {f_files} and {f_dir} do not apply to it"
                 )
             return src
         src.kind = "folder"
         base = os.path.join(local, data_dir) if data_dir else local
         if data_dir and not os.path.isdir(base):
-            raise ConfigError(f"--training.data_dir {data_dir!r} (dataset {spec!r}): no such folder {base!r}")
-        _check_files(spec, files, base)
+            raise ConfigError(f"{f_dir} {data_dir!r} (dataset {spec!r}): no such folder {base!r}")
+        _check_files(spec, files, base, flags)
         return src
 
     if _looks_local(spec):
-        raise ConfigError(f"--training.dataset {spec!r}: no such file or folder")
+        raise ConfigError(f"{f_dataset} {spec!r}: no such file or folder")
     return src  # a hub name: only `datasets` can tell whether it exists
 
 
@@ -208,25 +215,24 @@ def load_source(src: Source, *, streaming: bool = False, num_shards: int = 1):
     """
     import datasets
 
-    label = f"--training.dataset {src.label!r}"
+    label = src.described
     try:
         if src.kind in ("disk", "tokenized"):
             ds = datasets.load_from_disk(src.path)
             if isinstance(ds, datasets.DatasetDict):
-                if src.split not in ds:
-                    raise ConfigError(
-                        f"--training.dataset_split {src.split!r}: dataset {src.spec!r} has the splits {sorted(ds)}"
-                    )
-                ds = ds[src.split]
+                ds = _pick_split(src, ds)
         else:
             ds = datasets.load_dataset(
                 src.path,
                 name=src.name or None,
-                split=src.split,
+                # data files: load the splits they form (one, "train"), then pick; else only the one asked for
+                split=None if src.data_files else src.split,
                 data_dir=src.data_dir or None,
                 data_files=src.data_files or None,
                 streaming=streaming,
             )
+            if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+                ds = _pick_split(src, ds)
     except ConfigError:
         raise
     except Exception as exc:  # datasets raises many types (ValueError, FileNotFoundError, ...)
@@ -234,10 +240,10 @@ def load_source(src: Source, *, streaming: bool = False, num_shards: int = 1):
             exc = exc.__cause__  # type: ignore[assignment]  # the real reason (bad UTF-8, JSON, ...)
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         where = " (no local file or folder has that name either)" if src.kind == "hub" else ""
+        keys = ", ".join(src.flags.flag(k) for k in ("dataset_name", "dataset_split", "data_files", "data_dir"))
         raise ConfigError(
             f"{label}: the datasets library could not load it{where} ({type(exc).__name__}: "
-            f"{detail}); check the name, --training.dataset_name, --training.dataset_split, "
-            "--training.data_files and --training.data_dir"
+            f"{detail}); check the name, {keys}"
         ) from exc
     if isinstance(ds, datasets.IterableDataset):
         return ds
@@ -250,40 +256,58 @@ def load_source(src: Source, *, streaming: bool = False, num_shards: int = 1):
     return ds
 
 
+def _pick_split(src: Source, found: Any) -> Any:
+    """Split ``src.split`` of ``found`` (a DatasetDict); when data files were given and form one other
+    split (datasets names it ``train``), that one, logged: ``[validation] dataset = "json"`` with
+    ``data_files = "valid.jsonl"`` reads valid.jsonl although the section's default split is
+    ``validation``. Not for training datasets read for validation: that would validate on training data."""
+    if src.split in found:
+        return found[src.split]
+    names, flag = sorted(found), src.flags.flag("dataset_split")
+    if src.data_files and len(names) == 1 and not src.flags.borrowed:
+        logger.info("%s: its data files form the one split %r; reading it for %s %r", src.described, names[0],
+                    flag, src.split)  # fmt: skip
+        src.split = names[0]
+        return found[names[0]]
+    hint = (
+        "; give held-out data with --validation.dataset and --validation.data_files, or name one of these splits"
+        if src.flags.borrowed
+        else ""
+    )
+    raise ConfigError(f"{flag} {src.split!r}: {src.described} has the split(s) {names}{hint}")
+
+
 def _first_row(ds: Any, spec: str) -> dict[str, Any]:
-    """The first row of a stream (to learn its columns when the schema is not declared)."""
+    """The first row of a stream (to learn its columns when the schema is not declared); ``spec``:
+    the dataset as ``Source.described`` names it."""
     try:
         return next(iter(ds.take(1)))
     except StopIteration:
-        raise ConfigError(f"--training.dataset {spec!r} (streaming) has no rows") from None
+        raise ConfigError(f"{spec} (streaming) has no rows") from None
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ConfigError(
-            f"--training.dataset {spec!r} (streaming): reading failed ({type(exc).__name__}: {first})"
-        ) from exc
+        raise ConfigError(f"{spec} (streaming): reading failed ({type(exc).__name__}: {first})") from exc
 
 
-def pick_text_column(ds: Any, requested: str, spec: str) -> str:
+def pick_text_column(ds: Any, requested: str, spec: str, column_flag: str = "--training.text_column") -> str:
     """Return the text column to train on: ``requested``, else ``text``, else ``content``.
 
-    Raises ConfigError naming the dataset, the columns found and ``--training.text_column``
-    when the column is missing or does not hold strings.
+    Raises ConfigError naming the dataset (``spec``, as ``Source.described`` names it), the columns
+    found and ``column_flag`` when the column is missing or does not hold strings.
     """
     features = ds.features
     first = _first_row(ds, spec) if features is None else None  # a stream that declares no schema
     columns = list(first if first is not None else features)
     if requested:
         if requested not in columns:
-            raise ConfigError(
-                f"--training.text_column {requested!r}: dataset {spec!r} has no such column (columns found: {columns})"
-            )
+            raise ConfigError(f"{column_flag} {requested!r}: {spec} has no such column (columns found: {columns})")
         column = requested
     else:
         column = next((c for c in ("text", "content") if c in columns), "")
         if not column:
             raise ConfigError(
-                f"dataset {spec!r} has neither a 'text' nor a 'content' column (columns found: "
-                f"{columns}); name the column to train on with --training.text_column"
+                f"{spec} has neither a 'text' nor a 'content' column (columns found: "
+                f"{columns}); name the column to train on with {column_flag}"
             )
     if first is not None:
         from flame.data.documents import check_text
@@ -293,8 +317,8 @@ def pick_text_column(ds: Any, requested: str, spec: str) -> str:
     feature = features[column]
     if getattr(feature, "dtype", None) not in _STRING_DTYPES:
         raise ConfigError(
-            f"column {column!r} of dataset {spec!r} holds non-string values ({feature}); "
-            "--training.text_column must name a column of strings"
+            f"column {column!r} of {spec} holds non-string values ({feature}); "
+            f"{column_flag} must name a column of strings"
         )
     return column
 

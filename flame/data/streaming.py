@@ -36,8 +36,9 @@ class StreamDocuments:
         buffer_size: int = 1000,
     ) -> None:  # fmt: skip
         self.ds, self.column, self.tokenized = ds, column, tokenized
-        self.name, self.spec = name or spec or "data", spec or name
-        self.buffer_size = max(1, int(buffer_size))
+        self.name = name or spec or "data"
+        self.spec = spec or f"dataset {self.name!r}"  # messages start with it
+        self.buffer_size = buffer_size  # >= 1, checked with the config
 
     def initial_state(self) -> dict[str, Any]:
         return {"epoch": 0, "block": 0, "position": None, "index": 0, "piece": 0, "doc_offset": 0}
@@ -88,13 +89,9 @@ class StreamReader(ChunkReader):
                 raise
             except Exception as exc:  # decoding and parsing errors surface here, deep in datasets
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise ConfigError(
-                    f"dataset {spec!r} (streaming): reading failed with {type(exc).__name__}: {first}"
-                ) from exc
+                raise ConfigError(f"{spec} (streaming): reading failed with {type(exc).__name__}: {first}") from exc
         if column not in batch:
-            raise ConfigError(
-                f"dataset {spec!r} (streaming): rows without the column {column!r} (found {sorted(batch)})"
-            )
+            raise ConfigError(f"{spec} (streaming): rows without the column {column!r} (found {sorted(batch)})")
         self._next_position = self._stream.state_dict()
         values = batch[column] if self.by_files else batch[column][self.ctx.shard_id :: self.ctx.num_shards]
         for value in values:

@@ -37,27 +37,31 @@ def is_tokenized_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, META_FILE))
 
 
-def read_meta(path: str) -> dict[str, Any]:
-    """The metadata of a preprocessed folder; ConfigError when it is unreadable or of another format."""
+def read_meta(path: str, described: str = "") -> dict[str, Any]:
+    """The metadata of a preprocessed folder; ConfigError when it is unreadable or of another format.
+
+    ``described``: the folder as messages name it (``--training.dataset 'data/tok'``)."""
+    described = described or repr(path)
     file = os.path.join(path, META_FILE)
     try:
         with open(file, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"--training.dataset {path!r}: cannot read {file} ({e})") from e
+        raise ConfigError(f"{described}: cannot read {file} ({e})") from e
     if meta.get("format") != FORMAT:
         raise ConfigError(
-            f"--training.dataset {path!r} was written by another flame version (format {meta.get('format')}, "
+            f"{described} was written by another flame version (format {meta.get('format')}, "
             f"this one reads {FORMAT}); preprocess it again with python -m flame.utils.preprocess"
         )
     return meta
 
 
-def check_tokenizer(path: str, meta: dict[str, Any], tokenizer: Any, eos_id: int) -> None:
-    """Raise ConfigError unless ``tokenizer`` is the one the folder was tokenized with."""
+def check_tokenizer(described: str, meta: dict[str, Any], tokenizer: Any, eos_id: int) -> None:
+    """Raise ConfigError unless ``tokenizer`` is the one the folder (``described``, as messages name it)
+    was tokenized with."""
     if meta.get("tokenizer_sha256") != tokenizer_fingerprint(tokenizer) or meta.get("eos_token_id") != eos_id:
         raise ConfigError(
-            f"--training.dataset {path!r} was tokenized with another tokenizer "
+            f"{described} was tokenized with another tokenizer "
             f"({meta.get('tokenizer_path')!r}) than --model.tokenizer_path "
             f"{getattr(tokenizer, 'name_or_path', '') or '?'!r}; train with that tokenizer, or preprocess the data "
             "again with python -m flame.utils.preprocess --tokenizer_path <your tokenizer>"

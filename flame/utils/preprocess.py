@@ -16,11 +16,11 @@ online tokenization of the same data and seed. Tokenization runs in ``--num_proc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
 import time
-from types import SimpleNamespace
 from typing import Any
 
 from flame.config.errors import ConfigError
@@ -50,6 +50,8 @@ def preprocess(args: argparse.Namespace) -> dict[str, Any]:
     import datasets
     import pyarrow.compute as pc
 
+    from flame.config.schema import Training
+    from flame.data.flags import training_flags
     from flame.data.loader import backend_tokenizer
     from flame.data.sources import load_source, pick_text_column, resolve_source
     from flame.data.tokenized import COLUMN, tokenizer_fingerprint, write_meta
@@ -61,18 +63,19 @@ def preprocess(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = _load_tokenizer(args.tokenizer_path)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"--tokenizer_path {args.tokenizer_path!r}: the tokenizer has no eos_token")
-    training = SimpleNamespace(
+    training = dataclasses.replace(
+        Training(),
         dataset=[args.dataset],
         dataset_name=[args.dataset_name],
         dataset_split=[args.dataset_split],
         data_dir=[args.data_dir],
         data_files=[args.data_files],
     )
-    src = resolve_source(training, 0)
+    src = resolve_source(training_flags(training, section=""), 0)  # messages name this tool's --data_files
     if src.kind == "tokenized":
         raise ConfigError(f"--dataset {args.dataset!r} is already a preprocessed folder")
     ds = load_source(src)
-    column = pick_text_column(ds, args.text_column, src.spec)
+    column = pick_text_column(ds, args.text_column, src.described, "--text_column")
     _TOKENIZER = backend_tokenizer(tokenizer)
     start = time.perf_counter()
     features = datasets.Features({COLUMN: datasets.Sequence(datasets.Value("int32"))})

@@ -1,17 +1,22 @@
-"""Shared fixtures for the data tests: a tiny BPE tokenizer, tiny jsonl corpora, a config stand-in.
+"""Shared fixtures for the data tests: a tiny BPE tokenizer, tiny jsonl corpora, small training configs.
 
 Everything is local (no hub access) and small, so the whole data suite runs in seconds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
 import random
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from flame.config.schema import Training
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -76,29 +81,13 @@ def corpus(tmp_path_factory):
     return path, docs
 
 
-def training_config(**overrides) -> SimpleNamespace:
-    """A stand-in for flame's parsed [training] section with small defaults."""
-    cfg = dict(
-        batch_size=2,
-        seq_len=32,
-        dataset=[],
-        dataset_name=[],
-        dataset_split=["train"],
-        data_dir=[],
-        data_files=[],
-        data_probs=[],
-        streaming=False,
-        varlen=False,
-        context_len=32,
-        text_column="",
-        num_workers=0,
-        prefetch_factor=2,
-        pin_memory=False,
-        persistent_workers=False,
-        seed=0,
+def training_config(**overrides) -> Training:
+    """flame's ``[training]`` section with small rows and batches (and seed 0), plus ``overrides``."""
+    from flame.config.schema import Training
+
+    return dataclasses.replace(
+        Training(), **{"batch_size": 2, "seq_len": 32, "context_len": 32, "seed": 0, **overrides}
     )
-    cfg.update(overrides)
-    return SimpleNamespace(**cfg)
 
 
 @pytest.fixture

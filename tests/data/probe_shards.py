@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from types import SimpleNamespace
 
 import torch.distributed as dist
 
@@ -28,7 +27,7 @@ def main(spec_path: str) -> int:
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
     per_shard = spec["num_docs"] // (world * spec["num_workers"])
     for case, settings in spec["cases"].items():
-        cfg: SimpleNamespace = training_config(**settings, num_workers=spec["num_workers"], seq_len=32, batch_size=2)
+        cfg = training_config(**settings, num_workers=spec["num_workers"], seq_len=32, batch_size=2)
         loader = build_dataloader(cfg, tokenizer, dp_rank=rank, dp_world_size=world)
         batches = take(loader, spec["batches_per_worker"] * spec["num_workers"])
         seen = []

@@ -99,3 +99,25 @@ def test_demo_folder_feeds_the_loader(demo, make_training):
     batch = next(iter(build_dataloader(cfg, tok)))
     assert batch["input_ids"].shape == (2, 64)
     assert int(batch["input_ids"].max()) < len(tok)
+
+
+def test_the_demo_toml_validates_on_its_file_with_the_default_split(demo):
+    """configs/demo.toml's [validation] names json + validation.jsonl and no split: no workaround needed."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from flame.config.loader import parse_args
+    from flame.data import build_dataloader
+
+    toml = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
+    assert "dataset_split" not in toml.read_text()
+    paths = demo["paths"]
+    config = parse_args(["--job.config_file", str(toml), "--training.data_files", paths["train"],
+                         "--validation.data_files", paths["validation"], "--training.seq_len", "64"])  # fmt: skip
+    assert config.validation.dataset_split == ["validation"]
+    tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
+    batch = next(iter(build_dataloader(config.training, tok, validation=config.validation)))
+    assert batch["input_ids"].shape == (config.validation.batch_size, 64)
+    start = tok.decode(batch["input_ids"][0][:8])  # the first row starts a validation document
+    assert any(r["text"].startswith(start) for r in _read(paths["validation"]))

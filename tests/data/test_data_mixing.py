@@ -123,5 +123,9 @@ def test_validate_checks_the_data_settings_of_a_whole_config(train_args):
     assert any("only applies with --training.varlen" in p for p in problems(training__context_len=16))
     assert problems(training__streaming="true", training__shuffle_buffer_size=4) == []
     assert any("--training.shuffle_buffer_size" in p for p in problems(training__shuffle_buffer_size=0))
+    bad_validation = problems(validation__enable="true", validation__dataset="json,json", validation__data_files="v")
+    assert bad_validation == [
+        "--validation.data_files has 1 entries but --validation.dataset has 2: give one per dataset"
+    ]
     pipelined = problems(training__varlen="true", training__context_len=16, experimental__pipeline_parallel_degree=2)
     assert any("--training.varlen does not work with --experimental.pipeline_parallel_degree" in p for p in pipelined)

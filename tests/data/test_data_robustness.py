@@ -34,7 +34,9 @@ def test_missing_or_non_string_text_column_names_file_and_column(tmp_path, byte_
     with pytest.raises(ConfigError, match=r"body\.jsonl.*'body'.*--training.text_column"):
         build_dataloader(make_training(dataset=[body], streaming=streaming), byte_tok)
     ints = helpers.write_jsonl(tmp_path / "ints.jsonl", [{"text": i} for i in range(4)])
-    with pytest.raises(ConfigError, match=r"column 'text' of dataset 'json \(.*ints\.jsonl\)' holds non-string"):
+    with pytest.raises(
+        ConfigError, match=r"column 'text' of --training.dataset 'json \(.*ints\.jsonl\)' holds non-string"
+    ):
         build_dataloader(make_training(dataset=["json"], data_files=[ints], streaming=streaming), byte_tok)
 
 

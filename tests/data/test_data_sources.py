@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 
 import pytest
 
 from flame.config.errors import ConfigError
 from flame.data import build_dataloader
+from flame.data.flags import training_flags
 from flame.data.sources import load_source, resolve_source, split_data_files
 
 
 def _rows(cfg) -> int:
-    return len(load_source(resolve_source(cfg)))
+    return len(load_source(resolve_source(training_flags(cfg))))
 
 
 # ------------------------------------------------------------------------------ errors
@@ -60,12 +63,61 @@ def test_builder_error_becomes_config_error(tmp_path, tokenizer, make_training):
     assert err.value.__cause__ is not None  # the datasets error stays chained for debugging
 
 
-def test_unknown_split_and_unknown_hub_name(corpus, tokenizer, make_training):
-    path, _ = corpus
-    with pytest.raises(ConfigError, match=r"could not load"):
-        build_dataloader(make_training(dataset=[path], dataset_split=["test"]), tokenizer)
+def test_unknown_split_and_unknown_hub_name(tmp_path, tokenizer, make_training, helpers):
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    helpers.write_jsonl(folder / "train.jsonl", [{"text": "t"}] * 4)
+    helpers.write_jsonl(folder / "validation.jsonl", [{"text": "v"}] * 4)
+    with pytest.raises(ConfigError, match=r"could not load.*--training.dataset_split"):
+        build_dataloader(make_training(dataset=[str(folder)], dataset_split=["test"]), tokenizer)
     with pytest.raises(ConfigError, match=r"no-such-owner/no-such-dataset"):
         build_dataloader(make_training(dataset=["no-such-owner/no-such-dataset"]), tokenizer)
+
+
+def test_data_files_form_one_split_read_for_any_split_name(corpus, make_training, caplog):
+    """datasets puts data_files into a split named "train"; asking them for another split reads that one."""
+    path, docs = corpus
+    with caplog.at_level(logging.INFO, logger="flame.data"):
+        assert _rows(make_training(dataset=["json"], data_files=[path], dataset_split=["test"])) == len(docs) + 1
+    assert any("form the one split 'train'; reading it for --training.dataset_split 'test'" in r.message
+               for r in caplog.records)  # fmt: skip
+
+
+def test_validation_section_json_with_data_files_reads_them_and_errors_name_the_section(
+    corpus, tmp_path, tokenizer, make_training, helpers
+):
+    from flame.config.schema import Validation
+
+    path, _ = corpus
+    valid = helpers.write_jsonl(tmp_path / "valid.jsonl", [{"text": d} for d in helpers.make_docs(8, seed=4)])
+    training = make_training(dataset=["json"], data_files=[path])
+    # [validation] dataset = "json", data_files = "valid.jsonl": the natural way, with the default split
+    validation = dataclasses.replace(Validation(), dataset=["json"], data_files=[valid], batch_size=3)
+    assert Validation().dataset_split == ["validation"]
+    batch = next(iter(build_dataloader(training, tokenizer, validation=validation)))
+    tokens = {t for d in helpers.make_docs(8, seed=4) for t in tokenizer.backend_tokenizer.encode(d).ids}
+    assert batch["input_ids"].shape == (3, 32) and set(batch["input_ids"].flatten().tolist()) <= tokens | {
+        tokenizer.eos_token_id
+    }
+
+    def message(**overrides) -> str:
+        with pytest.raises(ConfigError) as err:
+            build_dataloader(training, tokenizer, validation=dataclasses.replace(validation, **overrides))
+        return str(err.value)
+
+    missing = message(data_files=[str(tmp_path / "nope.jsonl")])
+    assert missing.startswith("--validation.data_files") and "nope.jsonl" in missing
+    assert message(data_files=[]).startswith(
+        "--validation.dataset 'json' is a datasets builder and needs --validation.data_files"
+    )
+    assert "--validation.data_files has 2 entries but --validation.dataset has 1" in message(data_files=[valid, valid])
+    ints = helpers.write_jsonl(tmp_path / "ints.jsonl", [{"text": i} for i in range(4)])
+    assert "of --validation.dataset 'json (" in message(data_files=[ints])
+    # no --validation.dataset: the training data read with split "validation", which its data files lack
+    borrowed = message(dataset=[], data_files=[])
+    assert borrowed.startswith("--validation.dataset_split 'validation': --training.dataset 'json (")
+    assert "read for validation: --validation.dataset is empty" in borrowed and "['train']" in borrowed
+    assert "give held-out data with --validation.dataset and --validation.data_files" in borrowed
 
 
 def test_builder_without_files_and_missing_data_dir(tmp_path, tokenizer, make_training):
@@ -102,7 +154,7 @@ def test_builder_with_several_files_glob_and_data_dir(tmp_path, make_training, h
     assert _rows(cfg) == 3
     cfg = make_training(dataset=["json"], data_dir=[str(tmp_path)], data_files=["part/z.jsonl"])
     with pytest.raises(ConfigError, match=r"part/z.jsonl"):
-        resolve_source(cfg)
+        resolve_source(training_flags(cfg))
 
 
 def test_local_folder_and_save_to_disk(tmp_path, make_training, helpers):
@@ -117,13 +169,13 @@ def test_local_folder_and_save_to_disk(tmp_path, make_training, helpers):
 
     saved = tmp_path / "saved"
     datasets.Dataset.from_dict({"content": ["a", "b", "c"]}).save_to_disk(str(saved))
-    src = resolve_source(make_training(dataset=[str(saved)]))
+    src = resolve_source(training_flags(make_training(dataset=[str(saved)])))
     assert src.kind == "disk" and len(load_source(src)) == 3
 
     saved_dict = tmp_path / "saved_dict"
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"] * 4})}).save_to_disk(str(saved_dict))
     assert _rows(make_training(dataset=[str(saved_dict)])) == 4
-    with pytest.raises(ConfigError, match=r"'validation'.*splits \['train'\]"):
+    with pytest.raises(ConfigError, match=r"'validation'.*split\(s\) \['train'\]"):
         _rows(make_training(dataset=[str(saved_dict)], dataset_split=["validation"]))
 
 
