@@ -40,6 +40,7 @@ class Validator:
         self.shard_batch = shard_batch or (lambda batch: batch)
         self.steps = config.validation.steps
         self.loss_mesh = loss_mesh
+        self.dp_world_size = dp_world_size
         self.device = device
         # The [validation] datasets (or the training ones, read with validation.dataset_split), its batch size.
         self._build = lambda: build_dataloader(
@@ -51,18 +52,29 @@ class Validator:
         return self.config.validation.enable and (step % self.config.validation.freq == 0 or last_step)
 
     @torch.no_grad()
-    def validate(self, model_parts: list[torch.nn.Module], loss_sum: Callable) -> dict[str, float]:
+    def validate(
+        self, model_parts: list[torch.nn.Module], loss_sum: Callable, bytes_of: Callable[[dict], int] | None = None
+    ) -> dict[str, float]:
         """``{"validation_loss", "validation_perplexity", "validation_tokens"}`` over the fixed batches.
 
         ``loss_sum(batch)`` is the trainer's summed token loss of a batch under its layout (loss
-        parallel, pipeline schedule, ...), the same value on every rank of a data-parallel replica."""
+        parallel, pipeline schedule, ...), the same value on every rank of a data-parallel replica.
+        With ``bytes_of(batch)`` (the UTF-8 bytes of a loader batch's target text; flame.evaluate
+        passes it) also ``validation_bytes`` and ``validation_bits_per_byte``: the summed loss in bits
+        over the bytes, a number that does not depend on the tokenizer."""
         modes = [part.training for part in model_parts]
         for part in model_parts:
             part.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, target tokens
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, target tokens, bytes
+        # The loss group spans data- and context-parallel ranks; the cp ranks of a replica share a batch.
+        group_size = self.loss_mesh.size() if self.loss_mesh is not None else 1
+        share = group_size // max(self.dp_world_size, 1)
         loader = iter(self._build())
         for _ in range(self.steps):
-            batch = self.shard_batch(next(loader))
+            raw = next(loader)
+            if bytes_of is not None:
+                totals[2] += bytes_of(raw) / share
+            batch = self.shard_batch(raw)
             totals[0] += loss_sum(batch).double()
             totals[1] += (batch["labels"] != IGNORE_INDEX).sum().item()
         if self.loss_mesh is not None:
@@ -70,8 +82,12 @@ class Validator:
         for part, mode in zip(model_parts, modes, strict=True):
             part.train(mode)
         loss = (totals[0] / totals[1]).item()
-        return {
+        out = {
             "validation_loss": loss,
             "validation_perplexity": math.exp(min(loss, 700.0)),
             "validation_tokens": int(totals[1].item()),
         }
+        if bytes_of is not None:
+            out["validation_bytes"] = round(totals[2].item())
+            out["validation_bits_per_byte"] = (totals[0] / totals[2]).item() / math.log(2)
+        return out
