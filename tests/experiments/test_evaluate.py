@@ -40,7 +40,7 @@ def trained(base_toml, tmp_path_factory):
 
 
 def test_evaluate_equals_the_trainers_validation(trained, tmp_path):
-    dump, hf, result = trained
+    dump, hf, _ = trained
     logged = [r for r in read_metrics(dump) if "validation_loss" in r][-1]
     assert logged["step"] == 4
     out = tmp_path / "eval_dcp"
