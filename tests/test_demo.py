@@ -52,6 +52,7 @@ def test_readme_train_commands_are_valid_configs():
     creates (data/, outputs/) may be missing on a fresh clone."""
     commands = readme_commands()
     assert len(commands) >= 8
+    assert any("--job.config_file flame/models/fla.toml" in c for c in commands)  # the upstream README's command
     for command in commands:
         words = shlex.split(command)
         env = dict(w.split("=", 1) for w in words[: words.index("bash")] if "=" in w)
