@@ -7,7 +7,8 @@
 # MAX_RESTARTS (torchrun restarts of all workers after one fails; each restart resumes from the latest
 # checkpoint; default 0), SHUTDOWN_TIMEOUT (seconds the workers get to finish the step and save after
 # SIGTERM/SIGUSR1 before torchrun kills them, default 120), RDZV_ID (rendezvous id, default flame),
-# PYTHON (interpreter, default: the .venv next to this script if present, else python3).
+# PYTHON (interpreter, default: the .venv next to this script if present, else python3), FLAME_COLOR (1/0:
+# colours in the console lines; default: whether this script's stdout is a terminal).
 # Every argument goes to `python -m flame.train`. When training ends and checkpoints are on, the last
 # checkpoint is converted to a Hugging Face folder.
 #
@@ -67,6 +68,14 @@ if [ -z "${OMP_NUM_THREADS:-}" ] && [ "$CUDA_DEVICES" = 0 ]; then
   cores="$(nproc)"
   export OMP_NUM_THREADS=$(( cores / NGPU > 0 ? cores / NGPU : 1 ))
 fi
+
+# Colours on the console only for a terminal: the workers' stdout is torchrun's pipe, so train.sh, which
+# sees where its own output goes (a terminal, a Slurm log, `make demo > log`), tells them. FLAME_COLOR=1/0
+# set by the caller wins; NO_COLOR and --metrics.disable_color_printing turn colours off in any case.
+if [ -z "${FLAME_COLOR:-}" ]; then
+  if [ -t 1 ]; then FLAME_COLOR=1; else FLAME_COLOR=0; fi
+fi
+export FLAME_COLOR
 
 logs="$FLAME_DUMP_FOLDER/logs"
 mkdir -p "$logs"

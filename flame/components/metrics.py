@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import uuid
 from typing import Any
 
@@ -56,13 +57,28 @@ def format_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def console_color(disabled: bool, environ=os.environ, stdout=None) -> bool:
+    """Whether the console lines get ANSI colours: only on a terminal, so log files stay plain text.
+
+    Never with ``--metrics.disable_color_printing`` or a non-empty ``NO_COLOR`` (no-color.org). Else
+    ``FLAME_COLOR`` decides (``1``/``0``): train.sh sets it from its own stdout, because a worker's stdout
+    is torchrun's pipe even when the user watches a terminal. Without it (``python -m flame.train``,
+    a notebook): whether this process's stdout is a terminal.
+    """
+    if disabled or environ.get("NO_COLOR"):
+        return False
+    if environ.get("FLAME_COLOR") in ("0", "1"):
+        return environ["FLAME_COLOR"] == "1"
+    return (stdout or sys.stdout).isatty()
+
+
 class MetricsLogger:
     """Writes one record per logged step to every enabled sink (on the ranks that should)."""
 
     def __init__(self, config, *, rank: int, resume_step: int, run_config: dict[str, Any]) -> None:
         m = config.metrics
         self.rank = rank
-        self.color = not m.disable_color_printing and "NO_COLOR" not in os.environ
+        self.color = console_color(m.disable_color_printing)
         self.total_steps = config.training.steps
         self.path = os.path.join(config.job.dump_folder, "metrics.jsonl")
         self.tb = None
