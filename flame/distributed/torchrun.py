@@ -1,4 +1,4 @@
-"""``python -m flame.distributed.torchrun ...``: torchrun itself, minus a traceback on a stop signal.
+"""``python -m flame.distributed.torchrun ...``: torchrun itself, minus the noise around a clean stop.
 
 With ``--signals_to_handle`` torchrun's agent forwards a signal (SIGTERM, SIGUSR1 ...) to its workers,
 waits ``--shutdown_timeout`` seconds for them to finish, and then re-raises the signal as a
@@ -8,31 +8,108 @@ and exits 128 + the signal number, as a process killed by that signal would.
 
 When a worker fails, torchrun raises ``ChildFailedError``, printed with a traceback of torchrun's
 internals. A worker exiting with 2 has refused its configuration (checks that need the world size,
-such as parallel degrees) and printed the reason itself: the wrapper then exits 2 quietly. Other
-failures print torchrun's failure summary (ranks, exit codes, log paths) without the traceback and
-exit 1. Arguments and behaviour are otherwise exactly torchrun's (train.sh uses it).
+such as parallel degrees) and printed the reason itself: the wrapper then exits 2 with that message
+alone. The agent's own lines about the failure (``Sending process ... closing signal SIGTERM`` to the
+other workers, ``failed (exitcode: 2) ...``) are held back while the workers run and dropped in that
+case; where no worker whose stderr reaches the console (``--tee``, ``--local_ranks_filter``) refused,
+for instance because the agent stopped rank 0 before it printed, the refusing rank's message is copied
+from its log file under ``--log_dir``. Other failures print the held lines and torchrun's failure summary (ranks, exit
+codes, log paths) without the traceback and exit 1. Arguments and behaviour are otherwise exactly
+torchrun's (train.sh uses it).
 """
 
 from __future__ import annotations
 
+import glob
+import logging
+import os
 import sys
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.run import main as torchrun_main
+from torch.distributed.run import parse_args
+
+# The agent's logger and the beginnings of its lines about failed and stopped workers.
+AGENT_LOGGER = "torch.distributed.elastic.multiprocessing.api"
+FAILURE_LINES = ("Sending process ", "failed (exitcode: ")
+CONFIG_ERROR = 2  # flame's exit code for a refused configuration
 
 
-def main() -> int:
+class HoldFailureLines(logging.Filter):
+    """Keeps the agent's failure lines back until the wrapper knows whether they say anything."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(FAILURE_LINES):
+            self.held.append(record)
+            return False
+        return True
+
+    def release(self, logger: logging.Logger) -> None:
+        logger.removeFilter(self)
+        for record in self.held:
+            logger.handle(record)
+        self.held.clear()
+
+
+def shown_on_console(args) -> set[int] | None:
+    """Local ranks whose stderr torchrun copies to the console (None: all of them)."""
+    if args.tee not in ("2", "3"):
+        return set()
+    if not args.local_ranks_filter:
+        return None
+    return {int(r) for r in args.local_ranks_filter.split(",")}
+
+
+def refusal_message(failures: dict[int, ProcessFailure], shown: set[int] | None, log_dir: str | None) -> str | None:
+    """The config error to print for a run whose workers refused their configuration (exit code 2).
+
+    None when a refusing rank's stderr already reached the console. Else the message from the newest
+    ``<log_dir>/<run>/attempt_<n>/<local rank>/stderr.log`` of the first refusing rank that has one, from its
+    ``flame: error:`` line on (torchrun keeps no path to it in the failure when the worker wrote no
+    ``error.json``).
+    """
+    refused = sorted(f.local_rank for f in failures.values() if f.exitcode == CONFIG_ERROR)
+    if any(shown is None or rank in shown for rank in refused) or not log_dir:
+        return None
+    for rank in refused:
+        logs = glob.glob(os.path.join(glob.escape(log_dir), "*", "attempt_*", str(rank), "stderr.log"))
+        if not logs:
+            continue
+        with open(max(logs, key=os.path.getmtime)) as f:
+            text = f.read()
+        start = text.find("flame: error:")
+        if start >= 0:
+            return text[start:].rstrip("\n")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    agent_logger = logging.getLogger(AGENT_LOGGER)
+    hold = HoldFailureLines()
+    agent_logger.addFilter(hold)
     try:
-        torchrun_main()
+        torchrun_main(argv)
     except SignalException as e:
+        hold.release(agent_logger)
         print(f"torchrun: stopped by {e.sigval.name} after passing it to the workers", file=sys.stderr)
         return 128 + int(e.sigval)
     except ChildFailedError as e:
-        if any(failure.exitcode == 2 for failure in e.failures.values()):
-            return 2  # a configuration refused by the workers, who said why
+        if any(failure.exitcode == CONFIG_ERROR for failure in e.failures.values()):
+            args = parse_args(argv)
+            message = refusal_message(e.failures, shown_on_console(args), args.log_dir)
+            if message:
+                print(message, file=sys.stderr)
+            return CONFIG_ERROR
+        hold.release(agent_logger)
         print(e.format_msg(), file=sys.stderr)
         return 1
+    hold.release(agent_logger)
     return 0
 
 

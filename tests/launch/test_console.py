@@ -1,15 +1,19 @@
-"""Colour codes go to a terminal only: a pipe or a file (a Slurm log, ``make demo > log``) gets plain text."""
+"""What train.sh shows on the console: colour codes only for a terminal (a pipe or a file, such as a Slurm
+log or ``make demo > log``, gets plain text), and a config error found by the workers as one message alone."""
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pty
+import re
 import subprocess
 
 import pytest
 
 from flame.components.metrics import console_color
+from flame.distributed.torchrun import AGENT_LOGGER, HoldFailureLines
 from tests.helpers import ROOT, env
 from tests.launch.conftest import train_sh
 
@@ -51,7 +55,9 @@ def _launch_env() -> dict[str, str]:
 def _through_a_terminal(cmd: list[str], timeout: float = 300) -> tuple[int, bytes]:
     """Run ``cmd`` with stdout and stderr on a pseudo-terminal; return its exit code and everything it wrote."""
     leader, follower = pty.openpty()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_launch_env(), stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_launch_env(), stdin=subprocess.DEVNULL, stdout=follower, stderr=follower
+    )
     os.close(follower)
     chunks = []
     while True:
@@ -78,3 +84,43 @@ def test_train_sh_colours_a_terminal_and_not_a_pipe(launch_flags, tmp_path):
     code, shown = _through_a_terminal(train_sh(launch_flags(tmp_path / "tty", training__steps=2)))
     assert code == 0, shown.decode(errors="replace")
     assert b"\x1b[36mstep 2/2" in shown  # the step counter in cyan
+
+
+def test_the_agents_failure_lines_are_held_until_released():
+    logger = logging.getLogger(AGENT_LOGGER)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    hold = HoldFailureLines()
+    logger.addFilter(hold)
+    try:
+        logger.warning("Sending process %s closing signal %s", 12, "SIGTERM")
+        logger.error("failed (exitcode: %s) local_rank: %s (pid: %s) of binary: %s", 2, 0, 11, "python")
+        logger.warning("something else")
+        assert seen == ["something else"]
+        hold.release(logger)
+        assert seen[1:] == [
+            "Sending process 12 closing signal SIGTERM",
+            "failed (exitcode: 2) local_rank: 0 (pid: 11) of binary: python",
+        ]
+        logger.warning("Sending process %s closing signal %s", 13, "SIGTERM")  # released: passes straight through
+        assert seen[-1] == "Sending process 13 closing signal SIGTERM"
+    finally:
+        logger.removeHandler(handler)
+        logger.removeFilter(hold)
+
+
+@pytest.mark.parametrize("log_rank", ["0", "5"], ids=["rank-0-shown", "no-rank-shown"])
+def test_a_config_error_found_by_the_workers_is_all_the_user_sees(launch_flags, tmp_path, log_rank):
+    """Both workers refuse compiled autograd on 2 ranks (exit code 2): stderr is flame's one message, without
+    torchrun's lines about stopping the other worker. With LOG_RANK=5 no worker's output reaches the console,
+    so the message comes from the refusing rank's log file."""
+    args = launch_flags(tmp_path / "run", experimental__enable_compiled_autograd="true")
+    proc = subprocess.run(
+        train_sh(args), cwd=ROOT, env=env(NGPU="2", LOG_RANK=log_rank), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [re.sub(r"^\[default\d+\]:", "", line) for line in proc.stderr.splitlines()]
+    assert len(lines) == 1 and lines[0].startswith("flame: error: --experimental.enable_compiled_autograd"), lines
+    assert proc.stdout.splitlines() == [line for line in proc.stdout.splitlines() if line.startswith("flame: 1 node")]
