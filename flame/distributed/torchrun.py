@@ -11,11 +11,10 @@ internals. A worker exiting with 2 has refused its configuration (checks that ne
 such as parallel degrees) and printed the reason itself: the wrapper then exits 2 with that message
 alone. The agent's own lines about the failure (``Sending process ... closing signal SIGTERM`` to the
 other workers, ``failed (exitcode: 2) ...``) are held back while the workers run and dropped in that
-case; where no worker whose stderr reaches the console (``--tee``, ``--local_ranks_filter``) refused,
-for instance because the agent stopped rank 0 before it printed, the refusing rank's message is copied
-from its log file under ``--log_dir``. Other failures print the held lines and torchrun's failure summary (ranks, exit
-codes, log paths) without the traceback and exit 1. Arguments and behaviour are otherwise exactly
-torchrun's (train.sh uses it).
+case; where no worker whose stderr reaches the console (``--tee``, ``--local_ranks_filter``) wrote the
+message, the refusing rank's message is copied from its log file under ``--log_dir``. Other failures
+print the held lines and torchrun's failure summary (ranks, exit codes, log paths) without the
+traceback and exit 1. Arguments and behaviour are otherwise exactly torchrun's (train.sh uses it).
 """
 
 from __future__ import annotations
@@ -68,24 +67,30 @@ def shown_on_console(args) -> set[int] | None:
 def refusal_message(failures: dict[int, ProcessFailure], shown: set[int] | None, log_dir: str | None) -> str | None:
     """The config error to print for a run whose workers refused their configuration (exit code 2).
 
-    None when a refusing rank's stderr already reached the console. Else the message from the newest
-    ``<log_dir>/<run>/attempt_<n>/<local rank>/stderr.log`` of the first refusing rank that has one, from its
-    ``flame: error:`` line on (torchrun keeps no path to it in the failure when the worker wrote no
-    ``error.json``).
+    None when the message already reached the console: a rank that torchrun copies to it wrote one (it
+    may have been stopped by the agent before its own exit code counted). Else the first refusing rank's
+    message, from its ``flame: error:`` line on, read from this attempt's ``stderr.log`` under ``--log_dir``
+    (torchrun keeps no path to it in the failure when the worker wrote no ``error.json``).
     """
-    refused = sorted(f.local_rank for f in failures.values() if f.exitcode == CONFIG_ERROR)
-    if any(shown is None or rank in shown for rank in refused) or not log_dir:
+    attempts = glob.glob(os.path.join(glob.escape(log_dir or ""), "*", "attempt_*"))
+    if not log_dir or not attempts:
         return None
-    for rank in refused:
-        logs = glob.glob(os.path.join(glob.escape(log_dir), "*", "attempt_*", str(rank), "stderr.log"))
-        if not logs:
-            continue
-        with open(max(logs, key=os.path.getmtime)) as f:
-            text = f.read()
+    attempt = max(attempts, key=os.path.getmtime)  # this attempt's folder: the newest
+
+    def error_of(rank: int) -> str | None:
+        try:
+            with open(os.path.join(attempt, str(rank), "stderr.log")) as f:
+                text = f.read()
+        except OSError:
+            return None
         start = text.find("flame: error:")
-        if start >= 0:
-            return text[start:].rstrip("\n")
-    return None
+        return text[start:].rstrip("\n") if start >= 0 else None
+
+    ranks = [int(d) for d in os.listdir(attempt) if d.isdigit()]
+    if any(error_of(rank) for rank in ranks if shown is None or rank in shown):
+        return None
+    refused = sorted(f.local_rank for f in failures.values() if f.exitcode == CONFIG_ERROR)
+    return next((text for text in map(error_of, refused) if text), None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,11 +9,12 @@ import os
 import pty
 import re
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 
 from flame.components.metrics import console_color
-from flame.distributed.torchrun import AGENT_LOGGER, HoldFailureLines
+from flame.distributed.torchrun import AGENT_LOGGER, HoldFailureLines, refusal_message
 from tests.helpers import ROOT, env
 from tests.launch.conftest import train_sh
 
@@ -124,3 +125,27 @@ def test_a_config_error_found_by_the_workers_is_all_the_user_sees(launch_flags, 
     lines = [re.sub(r"^\[default\d+\]:", "", line) for line in proc.stderr.splitlines()]
     assert len(lines) == 1 and lines[0].startswith("flame: error: --experimental.enable_compiled_autograd"), lines
     assert proc.stdout.splitlines() == [line for line in proc.stdout.splitlines() if line.startswith("flame: 1 node")]
+
+
+@pytest.mark.parametrize(
+    ("stderr_logs", "exit_codes", "shown", "printed"),
+    [
+        ({0: "flame: error: bad", 1: "flame: error: bad"}, {0: 2, 1: 2}, {0}, None),  # rank 0 showed it
+        ({0: "flame: error: bad", 1: "flame: error: bad"}, {0: -15, 1: 2}, {0}, None),  # ... then was stopped
+        ({0: "", 1: "warning\nflame: error: bad\n  - more"}, {0: -15, 1: 2}, {0}, "flame: error: bad\n  - more"),
+        ({0: "flame: error: bad", 1: "flame: error: bad"}, {0: 2, 1: 2}, {5}, "flame: error: bad"),  # none shown
+    ],
+    ids=["shown", "shown-then-stopped", "stopped-before-printing", "no-rank-shown"],
+)
+def test_the_refusal_is_copied_from_the_log_only_when_the_console_lacks_it(
+    tmp_path, stderr_logs, exit_codes, shown, printed
+):
+    (tmp_path / "flame_old" / "attempt_0" / "1").mkdir(parents=True)
+    (tmp_path / "flame_old" / "attempt_0" / "1" / "stderr.log").write_text("flame: error: an older run")
+    attempt = tmp_path / "flame_new" / "attempt_0"
+    for rank, text in stderr_logs.items():
+        (attempt / str(rank)).mkdir(parents=True)
+        (attempt / str(rank) / "stderr.log").write_text(text)
+    os.utime(tmp_path / "flame_old" / "attempt_0", (1, 1))  # the older run's folder is older
+    failures = {rank: SimpleNamespace(local_rank=rank, exitcode=code) for rank, code in exit_codes.items()}
+    assert refusal_message(failures, shown, str(tmp_path)) == printed
