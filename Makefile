@@ -7,7 +7,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: venv demo test test-slow check clean
+.PHONY: venv demo test test-slow check gpu-wheels gpu-check-dry clean
 
 venv: $(VENV)/.installed
 
@@ -24,12 +24,20 @@ test: venv
 	$(PY) -m pytest -q --durations=15
 
 test-slow: venv
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow --durations=10
 
 check: venv
 	$(VENV)/bin/ruff check flame tests scripts custom_models benchmarks
 	$(VENV)/bin/ruff format --check flame tests scripts custom_models benchmarks
 	$(VENV)/bin/mypy
+
+# Wheels for the lent GPU machine, which reaches no registry (scripts/gpu/wheels.py; README "GPU check").
+gpu-wheels: venv
+	$(PY) scripts/gpu/wheels.py --dest .whl
+
+# The GPU check on this machine: every step but the CUDA work, on the wheels of `make gpu-wheels`.
+gpu-check-dry: venv
+	$(PY) scripts/gpu/check.py --dry
 
 clean:
 	rm -rf outputs/demo data/demo
