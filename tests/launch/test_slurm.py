@@ -52,6 +52,7 @@ def submit(dump: Path, args: list[str]) -> str:
         NGPU="2",
         PYTHON=PYTHON,  # the job inherits this environment: an absolute interpreter path
         FLAME_ROOT=str(ROOT),
+        NO_COLOR="",  # colours as a user gets them: train.sh sees a file and turns them off
     )
     return out.stdout.strip().split(";")[0]
 
@@ -71,6 +72,7 @@ def preempt(job: str, dump: Path) -> int:
     batch_log = (dump / f"batch-{job}.out").read_text()
     assert f'"step": {step}, "signal": "SIGUSR1"' in batch_log and f"requeueing job {job}" in batch_log
     assert "exit code 75" in node_log  # train.sh's "preempted" exit code
+    assert re.search(rf"step +3/{STEPS}", node_log) and "\x1b" not in node_log  # the console lines, plain text
     assert (dump / "checkpoint" / f"step-{step}" / ".metadata").exists()
     return step
 
