@@ -15,7 +15,9 @@ of flame's dependencies. This finds them, downloads their Python 3.12 manylinux 
 - the checks: one version of each name; each wheel installable on CPython 3.12 manylinux x86-64; every
   requirement met by a wheel of a matching version or by the machine (by the version the list gives,
   where it gives one); every third-party module that flame, its tests, benchmarks and scripts import
-  provided the same way; wheels plus the repository tree within the 64 MiB that travel to the machine.
+  provided the same way (except one imported only inside functions, of an extra that is not carried,
+  such as lm-eval for ``flame.evaluate``'s tasks: listed in the manifest as not carried); wheels plus the
+  repository tree within the 64 MiB that travel to the machine.
 
 ``--check`` runs the checks alone on the wheels already in ``--dest`` (exit code 1 on a problem). The
 result, ``<dest>/MANIFEST.json``, lists each wheel with its size, hash and the wheels that need it.
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import tomllib
 import zipfile
+from dataclasses import dataclass, field
 from email.parser import Parser
 from pathlib import Path
 
@@ -129,13 +132,13 @@ def check(dest: Path, machine: dict[str, str | None], needed: list[Requirement],
             continue
         if version is not None and not req.specifier.contains(version, prereleases=True):
             problems.append(f"{source} requires {req}, {where} has {name} {version}")
-    for module, (dists, files) in sorted(imported_distributions().items()):
-        if not dists:
-            problems.append(f"{files[0]} imports {module}, which is not installed here (add it to pyproject.toml)")
-        elif not any(d in found or d in machine for d in dists):
-            problems.append(
-                f"{files[0]} imports {module} ({', '.join(dists)}): neither a wheel here nor on the machine"
-            )
+    excused = not_carried(set(found), machine)
+    for module, imp in sorted(imported_distributions().items()):
+        if not imp.dists:
+            problems.append(f"{imp.files[0]} imports {module}, which is not installed here (add it to pyproject.toml)")
+        elif module not in excused and not any(d in found or d in machine for d in imp.dists):
+            dists = ", ".join(imp.dists)
+            problems.append(f"{imp.files[0]} imports {module} ({dists}): neither a wheel here nor on the machine")
     total = sum(p.stat().st_size for p in wheels)
     if total + tree_bytes > LIMIT_BYTES:
         problems.append(
@@ -145,24 +148,64 @@ def check(dest: Path, machine: dict[str, str | None], needed: list[Requirement],
     return problems
 
 
-def imported_distributions(root: Path = ROOT) -> dict[str, tuple[list[str], list[str]]]:
-    """Third-party modules the code imports (anywhere in a file): module -> (its distributions here, files)."""
+@dataclass
+class Imported:
+    """A third-party module the code imports: its distributions here, the files, and whether any file
+    imports it when the file itself is imported (module or class level) rather than inside a function."""
+
+    dists: list[str]
+    files: list[str] = field(default_factory=list)
+    at_import: bool = False
+
+
+def _imports(tree: ast.AST, at_import: bool = True):
+    """(module names, at import time) of every import statement; function bodies run later."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.Import):
+            yield [a.name for a in node.names], at_import
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield [node.module], at_import
+        deferred = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        yield from _imports(node, at_import and not deferred)
+
+
+def imported_distributions(root: Path = ROOT) -> dict[str, Imported]:
+    """Third-party modules imported anywhere in the code that runs on the machine, by module name."""
     files = [p for d in SOURCES for p in sorted((root / d).rglob("*.py"))]
     local = {p.stem for p in files} | set(SOURCES)
     distributions = importlib.metadata.packages_distributions()
-    found: dict[str, tuple[list[str], list[str]]] = {}
+    found: dict[str, Imported] = {}
     for path in files:
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            else:
-                continue
+        for names, at_import in _imports(ast.parse(path.read_text(), str(path))):
             for module in {n.split(".")[0] for n in names} - local - set(sys.stdlib_module_names):
                 dists = sorted({canonicalize_name(d) for d in distributions.get(module, [])})
-                found.setdefault(module, (dists, []))[1].append(str(path.relative_to(root)))
+                entry = found.setdefault(module, Imported(dists))
+                entry.files.append(str(path.relative_to(root)))
+                entry.at_import |= at_import
     return found
+
+
+def optional_extras(pyproject: Path = ROOT / "pyproject.toml") -> dict[str, list[str]]:
+    """Distributions of the extras that are not carried (all but ``float8``): name -> its extras."""
+    found: dict[str, list[str]] = {}
+    for extra, reqs in tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"].items():
+        for r in reqs:
+            if extra != "float8":
+                found.setdefault(canonicalize_name(Requirement(r).name), []).append(extra)
+    return found
+
+
+def not_carried(found: set[str], machine: dict[str, str | None]) -> dict[str, str]:
+    """Modules imported only inside functions, of an extra that is not carried: module -> why that is fine."""
+    extras = optional_extras()
+    notes = {}
+    for module, imp in sorted(imported_distributions().items()):
+        if not imp.at_import and imp.dists and not any(d in found or d in machine for d in imp.dists):
+            names = [e for d in imp.dists for e in extras.get(d, [])]
+            if names:
+                where = ", ".join(sorted(set(imp.files)))
+                notes[module] = f"extra {', '.join(names)}; imported in a function only ({where})"
+    return notes
 
 
 def tree_bytes(root: Path = ROOT) -> int:
@@ -215,7 +258,7 @@ def collect(dest: Path, machine: dict[str, str | None]) -> dict[str, list[str]]:
     return required_by
 
 
-def write_manifest(dest: Path, required_by: dict[str, list[str]], tree: int) -> dict:
+def write_manifest(dest: Path, required_by: dict[str, list[str]], tree: int, machine: dict[str, str | None]) -> dict:
     wheels = []
     for path in sorted(dest.glob("*.whl")):
         name, version, _ = read_wheel(path)
@@ -235,6 +278,7 @@ def write_manifest(dest: Path, required_by: dict[str, list[str]], tree: int) -> 
         "machine_list": str(MACHINE_LIST.relative_to(ROOT)),
         "wheels": wheels,
         "wheel_bytes": sum(w["bytes"] for w in wheels),
+        "not_carried": not_carried({w["name"] for w in wheels}, machine),
         "tree_bytes": tree,
         "limit_bytes": LIMIT_BYTES,
     }
@@ -256,11 +300,13 @@ def main(argv: list[str] | None = None) -> int:
         for old in dest.glob("*.whl"):  # a fresh set: no second version of anything from an earlier run
             old.unlink()
         required_by = collect(dest, machine)
-        manifest = write_manifest(dest, required_by, tree)
+        manifest = write_manifest(dest, required_by, tree, machine)
         for w in manifest["wheels"]:
             print(f"{w['bytes'] / 2**20:7.2f} MiB  {w['file']}  (for {', '.join(w['required_by'])})")
         print(f"{manifest['wheel_bytes'] / 2**20:.1f} MiB of wheels in {dest}, tree {tree / 2**20:.1f} MiB")
     problems = check(dest, machine, roots(), tree)
+    for module, why in not_carried({read_wheel(p)[0] for p in dest.glob("*.whl")}, machine).items():
+        print(f"wheels.py: not carried: {module} ({why})")
     for problem in problems:
         print(f"wheels.py: {problem}", file=sys.stderr)
     if not problems:

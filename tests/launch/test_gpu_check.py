@@ -82,7 +82,9 @@ def test_the_device_lacks_what_the_issue_says_and_every_import_is_known():
     assert {"torchtitan", "flash-linear-attention", "datasets", "torchdata", "tomli-w"} <= missing
     imports = wheels.imported_distributions()
     assert {"torch", "torchtitan", "fla", "datasets"} <= set(imports)
-    assert all(dists for dists, _ in imports.values()), {m: f for m, (d, f) in imports.items() if not d}
+    assert all(imp.dists for imp in imports.values()), {m: imp.files for m, imp in imports.items() if not imp.dists}
+    assert imports["torchtitan"].at_import and not imports["lm_eval"].at_import  # flame.evaluate's tasks only
+    assert wheels.not_carried(set(), machine)["lm_eval"].startswith("extra eval, dev; imported in a function only")
 
 
 def _running(pid: int) -> bool:
