@@ -175,6 +175,23 @@ class MetricsLogger:
             self.wandb_run.finish()
 
 
+def wandb_grouping(dump_folder: str) -> dict[str, Any]:
+    """A trial of an experiment (its run folder holds the driver's trial.json): W&B group = the experiment,
+    job type = the stage, so every variant of an experiment shows together. WANDB_RUN_GROUP and
+    WANDB_JOB_TYPE, when set, win (wandb reads them itself)."""
+    try:
+        with open(os.path.join(dump_folder, "trial.json")) as f:
+            trial = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, Any] = {}
+    if trial.get("experiment") and not os.environ.get("WANDB_RUN_GROUP"):
+        out["group"] = str(trial["experiment"])
+    if trial.get("stage") and not os.environ.get("WANDB_JOB_TYPE"):
+        out["job_type"] = str(trial["stage"])
+    return out
+
+
 def _start_wandb(config, run_config: dict[str, Any]):
     """A W&B run whose id is stored in the dump folder, so a restarted run continues it."""
     import wandb
@@ -191,4 +208,5 @@ def _start_wandb(config, run_config: dict[str, Any]):
         dir=config.job.dump_folder,
         config=run_config,
         notes=config.job.description or None,
+        **wandb_grouping(config.job.dump_folder),
     )

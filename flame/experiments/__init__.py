@@ -6,6 +6,7 @@ the experiment folder) -> hooks (``hooks.py``: trial schedulers, reports; ``kind
 Python API: ``flame.experiment.run(spec_or_path)``, ``plan``, ``status``.
 """
 
+import flame.experiments.report  # noqa: F401  (registers the report written when an experiment ends)
 from flame.experiments.api import ExperimentResult, plan, run, status
 from flame.experiments.hooks import register_report, register_scheduler
 from flame.experiments.kinds import register_stage_kind

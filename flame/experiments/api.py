@@ -16,6 +16,7 @@ from typing import Any
 from flame.config.errors import ConfigError
 from flame.experiments.driver import Interrupted, precheck, walk
 from flame.experiments.hooks import call_reports
+from flame.experiments.live import LiveConsole
 from flame.experiments.plan import ExperimentError
 from flame.experiments.records import DriverLock, Records
 from flame.experiments.spec import Experiment, Link, load_spec
@@ -128,7 +129,7 @@ def run(
 
     with DriverLock(exp.root):
         records = Records(exp.root, writable=True)
-        console = echo or Console(line=None)
+        console = echo or LiveConsole(exp.root, lambda: status(exp))
         records.append("start", pid=os.getpid(), launcher="local")
         launcher_ = LocalLauncher(exp, records, echo=console)
         if isinstance(console, Console):

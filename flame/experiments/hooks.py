@@ -54,7 +54,7 @@ class Scheduler(Protocol):
 
 # kind -> (check(stage, where, add), factory(context) -> Scheduler)
 _SCHEDULERS: dict[str, tuple[Callable[..., None], Callable[..., Scheduler]]] = {}
-_REPORTS: list[Callable[[Any, dict[str, Any]], None]] = []
+_REPORTS: list[Callable[[Any, dict[str, Any]], Any]] = []
 
 
 def register_scheduler(kind: str, check: Callable[..., None], factory: Callable[..., Scheduler]) -> None:
@@ -78,7 +78,7 @@ def scheduler_factory(stage: Any) -> Callable[..., Scheduler] | None:
     return _SCHEDULERS[stage.scheduler["kind"]][1]
 
 
-def register_report(fn: Callable[[Any, dict[str, Any]], None]) -> None:
+def register_report(fn: Callable[[Any, dict[str, Any]], Any]) -> None:
     """Call ``fn(experiment, status)`` whenever an experiment ends."""
     if fn not in _REPORTS:
         _REPORTS.append(fn)

@@ -205,6 +205,8 @@ class StageExpansion:
     def resolve(self, group: Group, searched: dict[str, Any]) -> Trial:
         stage = self.stage
         values = {**group.fixed, **searched}
+        if self.kind.trains and self.kind.config_keys:  # TensorBoard on inside experiments (the stage may say no)
+            values = {"metrics.enable_tensorboard": True, **values}
         config, extra, material = self.kind.resolve(stage, group.base_path, dict(values), self.where)
         params = {**group.shown, **searched}
         name = _readable(
@@ -220,6 +222,7 @@ class StageExpansion:
 
             config = apply_overrides(config, {"job.dump_folder": folder}, where=self.where)
         return Trial(
+            experiment=self.exp.name,
             stage=stage.name,
             id=trial_id,
             kind=stage.kind,

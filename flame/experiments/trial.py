@@ -35,12 +35,14 @@ class Trial:
     ngpu: int = 1
     nnode: int = 1
     steps: int = 0  # training.steps, for step/steps in the status
+    experiment: str = ""  # the experiment's name (trial.json; the trials' W&B group)
 
     def describe(self) -> dict[str, Any]:
         """trial.json's content."""
         from flame.experiments.kinds import stage_kind
 
         return {
+            "experiment": self.experiment,
             "id": self.id,
             "stage": self.stage,
             "kind": self.kind,

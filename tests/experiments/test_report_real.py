@@ -1,0 +1,93 @@
+"""The report of a real tiny experiment: train.sh trials of the session's tiny Llama (a few steps), with
+TensorBoard on by default, W&B offline: tables match ``status --json``, the losses are the logged ones
+against the tokens seen, TensorBoard's reader finds both trials in the one view, the best trial's TOML
+names its Hugging Face export, and both W&B runs carry the experiment as their group."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+
+import pytest
+
+from flame.experiments import api
+from flame.experiments.report import plots
+from flame.experiments.report.collect import collect
+from tests.experiments.report_fixtures import md_tables, png_size
+from tests.helpers import PYTHON, ROOT, env
+
+SPEC = """
+[experiment]
+name = "real-tiny"
+root = "{root}"
+max_parallel = 2
+
+[[stage]]
+name = "lr"
+config = "{base}"
+override = { "metrics.enable_wandb" = true }
+space = { "optimizer.lr" = { grid = [1e-3, 3e-3] } }
+"""
+
+
+@pytest.mark.slow
+def test_report_of_a_real_tiny_experiment(write_spec, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec = write_spec(SPEC)
+    api.run(spec, echo=lambda *a, **k: None)
+    proc = subprocess.run(
+        [PYTHON, "-m", "flame.experiment", "status", str(spec), "--json"],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(proc.stdout)
+    (stage,) = status["stages"]
+    root = status["root"]
+    assert [t["status"] for t in stage["trials"]] == ["done", "done"]
+    (rows,) = md_tables(open(os.path.join(root, "report", "report.md")).read()).values()
+    by_id = {t["id"]: t for t in stage["trials"]}
+    assert sorted(r[1] for r in rows) == sorted(by_id)
+    for row in rows:
+        t = by_id[row[1]]
+        assert float(row[4]) == pytest.approx(t["metric"], rel=1e-4) and row[5] == "4/4" and row[8] == "done"
+        assert row[6] == "512" and row[7].endswith(" s")  # 4 steps x 4 x 32 tokens; wall time from summary.json
+    assert rows[0][0] == "★" and rows[0][1] == stage["best"]
+    for name in ("lr_loss.png", "lr_params.png"):
+        assert png_size(os.path.join(root, "report", "plots", name))[0] > 500
+    exp = api._spec(str(spec), None)
+    (data,) = collect(exp, status)
+    fig = plots.loss_figure(data)
+    train, val = fig.axes[:2]
+    assert sorted(ln.get_gid() for ln in train.get_lines()) == sorted(by_id)
+    for t in data.trials:  # the logged losses against the logged tokens_seen
+        records = [json.loads(line) for line in open(os.path.join(t.folder, "metrics.jsonl"))]
+        assert t.curve.measured_tokens and t.curve.tokens == [r["tokens_seen"] for r in records]
+        assert t.curve.loss == [r["loss"] for r in records]
+        assert t.curve.val_loss == [r["validation_loss"] for r in records if "validation_loss" in r]
+        assert t.curve.val_loss[-1] == pytest.approx(t.metric)
+    assert sorted(ln.get_gid() for ln in val.get_lines()) == sorted(by_id)
+    # one TensorBoard view: the trainer's own event files of both trials (on by default), with hparams
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for t in stage["trials"]:
+        acc = EventAccumulator(os.path.join(root, "tensorboard", "lr", t["id"]))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
+        assert acc.Scalars("validation_loss")[-1].value == pytest.approx(t["metric"], rel=1e-6)
+        assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+    best = by_id[stage["best"]]
+    header = open(os.path.join(root, "report", "best_lr.toml")).read().splitlines()[1]
+    assert header == f"# Hugging Face export: {best['dump_folder']}"
+    assert os.path.exists(os.path.join(best["dump_folder"], "config.json"))
+    # W&B: both runs in the experiment's group, the stage as job type
+    for t in stage["trials"]:
+        (run_file,) = glob.glob(os.path.join(t["dump_folder"], "wandb", "offline-run-*", "run-*.wandb"))
+        data_bytes = open(run_file, "rb").read()
+        assert b"real-tiny" in data_bytes  # the group (the experiment name appears nowhere else in the run)
