@@ -91,7 +91,7 @@ window.addEventListener("load", function () {
 });
 """
 
-NUMERIC = re.compile(r"^[-+]?[\d.,]+(e[-+]?\d+)?\s*[kMGT%]?$|^\d+:\d\d(:\d\d)?$|^\d+/\d+$")
+NUMERIC = re.compile(r"^[-+]?[\d.,]+(e[-+]?\d+)?\s*[kMGT%s]?$|^\d+:\d\d(:\d\d)?$|^\d+/\d+$")
 
 
 def to_html(blocks: list[Block], title: str) -> str:
