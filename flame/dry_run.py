@@ -17,18 +17,17 @@ import time
 import torch
 import torch.distributed as dist
 
-import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
+import flame.distributed.titan
+import flame.models.families  # noqa: F401  (registers the model families)
 from flame.config.errors import ConfigError
 from flame.config.schema import JobConfig
-from flame.config.validate import resolve_dp_shard, validate
+from flame.config.validate import validate
+from flame.distributed.parallel_dims import build_parallel_dims
 from flame.models.adapters import adapter_for
-from flame.models.build import build_meta_model, import_custom_models, load_model_config
+from flame.models.build import build_meta_model, import_custom_models, load_model_config, load_tokenizer
 from flame.models.flops import flops_per_token
-from flame.models.parallelize import parallelize
-from flame.models.pipeline import SCHEDULES, stage_layers
-
-from torchtitan.distributed import utils as dist_utils
-from torchtitan.distributed.parallel_dims import ParallelDims
+from flame.parallel.parallelize import parallelize
+from flame.parallel.pipeline import SCHEDULES, Pipeline, stage_layers
 
 logger = logging.getLogger("flame")
 
@@ -67,25 +66,12 @@ def dry_run(config: JobConfig, world_size: int) -> dict:
     start = time.perf_counter()
     validate(config, world_size, device_type="cuda")
     import_custom_models(config.experimental.custom_model_path)
-    from flame.trainer import load_tokenizer
-
     tokenizer = load_tokenizer(config.model.tokenizer_path)
     model_config = load_model_config(config.model.config, tokenizer, config.model.norm_type)
     t, e = config.training, config.experimental
     dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
     try:
-        dims = ParallelDims(
-            dp_replicate=t.data_parallel_replicate_degree,
-            dp_shard=resolve_dp_shard(config, world_size),
-            cp=e.context_parallel_degree,
-            tp=t.tensor_parallel_degree,
-            pp=e.pipeline_parallel_degree,
-            ep=1,
-            world_size=world_size,
-            spmd_backend="partial_dtensor",
-        )
-        dist_utils.set_spmd_backend("partial_dtensor")
-        dims.build_mesh()
+        dims = build_parallel_dims(config, world_size)
         model = build_meta_model(model_config)
         adapter = adapter_for(model_config.model_type)
         total = sum(p.numel() for p in model.parameters())
@@ -93,8 +79,6 @@ def dry_run(config: JobConfig, world_size: int) -> dict:
         num_layers = len(list(adapter.layers(model).children()))
         layers_per_rank = [num_layers]
         if dims.pp_enabled:
-            from flame.models.pipeline import Pipeline
-
             pipeline = Pipeline(model, adapter, dims, config, torch.device("cpu"))
             parts = pipeline.model_parts
             per_rank = SCHEDULES[e.pipeline_parallel_schedule][1]
@@ -150,8 +134,8 @@ def dry_run(config: JobConfig, world_size: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flame.cli import fail, setup_logging
     from flame.config.loader import parse_args
+    from flame.utils.console import fail, setup_logging
 
     try:
         config = parse_args(argv)

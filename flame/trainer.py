@@ -23,42 +23,33 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel as tp_loss_parallel
 
-import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
+import flame.distributed.titan
+import flame.models.families  # noqa: F401  (registers the model families)
 from flame.components.checkpoint import Checkpointer, TrainState
 from flame.components.fault import FaultHandler
 from flame.components.metrics import MetricsLogger, device_name, memory_stats
 from flame.components.optimizer import build_lr_schedulers, build_optimizers
 from flame.components.profiling import MemorySnapshots, maybe_profile
 from flame.components.validation import Validator
-from flame.config.errors import ConfigError
 from flame.config.loader import save_toml, to_dict
 from flame.config.schema import JobConfig
-from flame.config.validate import resolve_dp_shard, validate
+from flame.config.validate import validate
 from flame.data.mixing import describe_sources
+from flame.distributed.parallel_dims import build_parallel_dims
 from flame.distributed.setup import device_for_rank, init_distributed, set_collective_timeout
 from flame.models.adapters import adapter_for
-from flame.models.build import build_meta_model, import_custom_models, init_weights, load_model_config
+from flame.models.build import build_meta_model, import_custom_models, init_weights, load_model_config, load_tokenizer
 from flame.models.flops import flops_per_token, peak_tflops
-from flame.models.parallelize import parallelize
-from flame.models.pipeline import Pipeline
+from flame.parallel.context_parallel import ContextParallel
+from flame.parallel.float8 import precompute_scales
+from flame.parallel.parallelize import context_parallel_path, parallelize
+from flame.parallel.pipeline import Pipeline
 
 from torchtitan.distributed import utils as dist_utils
-from torchtitan.distributed.parallel_dims import ParallelDims
 
 logger = logging.getLogger("flame")
 
 IGNORE_INDEX = -100
-
-
-def load_tokenizer(path: str):
-    """The tokenizer at ``--model.tokenizer_path``, or a ConfigError saying why it cannot load."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"--model.tokenizer_path {path!r} cannot be loaded by AutoTokenizer: {first}") from e
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -93,18 +84,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(config.model.tokenizer_path)
         model_config = load_model_config(config.model.config, self.tokenizer, config.model.norm_type)
 
-        self.parallel_dims = ParallelDims(
-            dp_replicate=t.data_parallel_replicate_degree,
-            dp_shard=resolve_dp_shard(config, self.world_size),
-            cp=config.experimental.context_parallel_degree,
-            tp=t.tensor_parallel_degree,
-            pp=config.experimental.pipeline_parallel_degree,
-            ep=1,
-            world_size=self.world_size,
-            spmd_backend="partial_dtensor",
-        )
-        dist_utils.set_spmd_backend("partial_dtensor")
-        self.parallel_dims.build_mesh()
+        self.parallel_dims = build_parallel_dims(config, self.world_size)
         batch_mesh = self.parallel_dims.get_optional_mesh("batch")
         self.dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
         self.dp_world_size = batch_mesh.size() if batch_mesh is not None else 1
@@ -139,10 +119,7 @@ class Trainer:
         # Context parallelism: every batch is sharded over the cp axis before the forward.
         self.context_parallel = None
         if self.parallel_dims.cp_enabled:
-            from flame.models.context_parallel import ContextParallel
-            from flame.models.parallelize import context_parallel_path
-
-            path, _ = context_parallel_path(self.model, config, self.device.type)
+            path, _ = context_parallel_path(self.model, self.adapter, config, self.device.type)
             self.context_parallel = ContextParallel(self.parallel_dims.get_mesh("cp"), path, self.device)
         # Loss parallelism: the cross entropy runs on vocabulary-sharded logits (tensor parallel only).
         loss_parallel = self.parallel_dims.tp_enabled and not t.disable_loss_parallel
@@ -283,8 +260,6 @@ class Trainer:
         else:
             self.optimizers.step()
             if self.precompute_float8_scales:
-                from flame.models.float8 import precompute_scales
-
                 precompute_scales(self.model_parts)
         self.lr_schedulers.step()
         self.optimizers.zero_grad()

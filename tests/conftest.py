@@ -13,6 +13,8 @@ import random
 
 import pytest
 
+import flame.models.families  # noqa: F401  (registers the model families, as the trainer and the CLI do)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")

@@ -59,6 +59,8 @@ def resolve_dp_shard(config: JobConfig, world_size: int) -> int:
 
 def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> None:
     """Raise one ConfigError listing every problem of ``config`` for ``world_size`` ranks."""
+    import flame.models.families  # noqa: F401  (the checks below look model families up)
+
     problems: list[str] = []
     t, o, s = config.training, config.optimizer, config.lr_scheduler
 
@@ -140,7 +142,7 @@ def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> No
         need(not os.path.exists(seed), f"--checkpoint.create_seed_checkpoint: {seed} exists already; remove it first")
 
     e = config.experimental
-    from flame.models.pipeline import SCHEDULES, schedule_names
+    from flame.parallel.pipeline import SCHEDULES, schedule_names
 
     if e.pipeline_parallel_schedule not in SCHEDULES:
         problems.append(
@@ -164,7 +166,7 @@ def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> No
         bad = current == _GPU_ONLY_VALUES[flag] if flag in _GPU_ONLY_VALUES else current != default
         if bad and device_type != "cuda":
             problems.append(f"--{flag}={current}: {what} needs a CUDA GPU; none is visible on this machine")
-    from flame.models.float8 import float8_problems
+    from flame.parallel.float8 import float8_problems
 
     problems.extend(float8_problems(config, device_type))
     _check_compile_features(config, world_size, problems)
@@ -302,7 +304,7 @@ def _check_degrees(config: JobConfig, world_size: int, problems: list[str], devi
     for v in degrees.values():
         product *= v
     if e.context_parallel_degree > 1:
-        from flame.models.context_parallel import context_parallel_problems
+        from flame.parallel.checks import context_parallel_problems
 
         problems.extend(context_parallel_problems(config, device_type))
     elif t.tensor_parallel_degree > 1 and t.seq_len % t.tensor_parallel_degree:
@@ -311,34 +313,12 @@ def _check_degrees(config: JobConfig, world_size: int, problems: list[str], devi
             f"{t.tensor_parallel_degree}: sequence parallelism splits every sequence over the tensor-parallel ranks"
         )
     if t.tensor_parallel_degree > 1 and os.path.exists(config.model.config):
-        problems.extend(_tp_problems(config))
+        from flame.parallel.checks import tensor_parallel_problems
+
+        problems.extend(tensor_parallel_problems(config))
     if product != world_size:
         problems.append(
             f"parallel degrees multiply to {product} (dp_replicate {t.data_parallel_replicate_degree} x dp_shard "
             f"{dp_shard} x tp {t.tensor_parallel_degree} x pp {e.pipeline_parallel_degree} x cp "
             f"{e.context_parallel_degree}) but the world size is {world_size}; they must multiply to the world size"
         )
-
-
-def _tp_problems(config: JobConfig) -> list[str]:
-    """Heads, KV heads and MLP width must divide the tensor-parallel degree (reads the model config)."""
-    from transformers import AutoConfig
-
-    from flame.models.adapters import FLA_MODEL_TYPES, adapter_for, tensor_parallel_families
-    from flame.models.build import _declared_model_type, import_family
-    from flame.models.tensor_parallel import check_tp_divisibility
-
-    tp = config.training.tensor_parallel_degree
-    model_type = _declared_model_type(config.model.config)
-    # (custom families may register a plan when --experimental.custom_model_path is imported: checked then)
-    if model_type in FLA_MODEL_TYPES and adapter_for(model_type).tp_plan is None:
-        return [
-            f"--training.tensor_parallel_degree {tp}: model family {model_type!r} has no tensor-parallel plan; "
-            f"families with one: {', '.join(tensor_parallel_families())}"
-        ]
-    try:
-        import_family(model_type)
-        model_config = AutoConfig.from_pretrained(config.model.config)
-    except (OSError, ValueError, ConfigError):
-        return []  # reported with its reason when the model is built
-    return check_tp_divisibility(model_config, tp)

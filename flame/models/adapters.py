@@ -1,8 +1,10 @@
-"""Model-family adapters: the few facts about a family that parallelisation needs.
+"""Model-family adapters: the few facts about a family that parallelisation needs, and their registry.
 
 The trainer never asks ``hasattr`` questions of a model; it asks the adapter of the model's
 family. The generic adapter covers Hugging Face decoders laid out as ``<base>.layers`` (Llama,
-Qwen, Mistral, GPT-NeoX-style and fla models); families that differ register their own.
+Qwen, Mistral, GPT-NeoX-style and fla models). The families flame knows more about register their
+adapter from one module each in ``flame/models/families/`` (importing that package registers them
+all); a custom model's package may call ``register_adapter`` too.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from flame.config.errors import ConfigError
+from flame.data.varlen import block_causal_mask, cu_seqlens_from_position_ids
 
 logger = logging.getLogger("flame.models")
 _LOGGED_ROUTES: set[str] = set()  # varlen routes already announced in this process
@@ -24,31 +27,51 @@ _LOGGED_ROUTES: set[str] = set()  # varlen routes already announced in this proc
 
 @dataclass(frozen=True)
 class ModelAdapter:
-    """How one model family is laid out."""
+    """How one model family is laid out, and what flame's generic machinery needs to know about it."""
 
     family: str
     layers_attr: str = "layers"
-    # Tensor-parallel plan of one decoder layer: submodule name -> "colwise" | "rowwise" (None: no TP).
+    # Tensor-parallel plan of one decoder layer: submodule name -> style (flame/parallel/tensor_parallel.py;
+    # None: no TP).
     tp_plan: dict[str, str] | None = None
+    # The sizes tensor parallelism splits, by config field name (None: the generic fields of the config).
+    tp_dims: Callable[[Any], dict[str, int | None]] | None = None
     # Forward of one pipeline stage: (stage model, tokens or hidden states, is_first, is_last) -> output
     # (None: the family cannot be pipelined).
     stage_forward: Callable[[nn.Module, torch.Tensor, bool, bool], torch.Tensor] | None = None
     # Module whose import registers the family's classes with the Auto classes; flame imports it before
     # AutoConfig reads a config of this family ("" : transformers knows the family itself).
     registered_by: str = ""
+    # Called once that module is imported: installs the family's CPU paths and context-parallel wrappers.
+    on_import: Callable[[], None] | None = None
     # Device types the family's kernels run on: a clear error elsewhere instead of a kernel crash.
     device_types: tuple[str, ...] = ("cpu", "cuda")
     # The built model's attention implementation (config._attn_implementation): picks the varlen route.
     attn_implementation: str = ""
+    # "fla" when the family's layers take packed documents as fla's ``cu_seqlens`` ("": from the attention
+    # implementation, see ``varlen_route``).
+    varlen: str = ""
     # Whether the family's kernels take plain tensors only (fla's Triton norms and convolutions): under
     # tensor parallelism its norms and convolutions then run on local shards, not on DTensors.
     tp_local_kernels: bool = False
-    # Whether the family's attention goes through transformers' AttentionInterface, so that context
-    # parallelism can swap in its attention function (flame/models/context_parallel.py).
+    # Run on each decoder layer before tensor or state-passing context parallelism (fla: one convolution
+    # per projection instead of the fused three-way kernel).
+    prepare_layer: Callable[[nn.Module], None] | None = None
+    # Whether the family has context parallelism: through transformers' AttentionInterface, whose attention
+    # function CP swaps (flame/parallel/context_parallel.py), or by state passing (below).
     context_parallel: bool = False
-    # Context parallelism by passing linear-attention states between sequence chunks instead
-    # (fla's GLA, Gated DeltaNet, DeltaNet: flame/models/fla_context_parallel.py).
-    cp_state_passing: bool = False
+    # Class names of the layers' linear-attention modules that context parallelism runs with state passing
+    # between sequence chunks (flame/parallel/state_passing.py); empty: attention CP, if any.
+    state_passing_modules: tuple[str, ...] = ()
+    # Why the family has no context parallelism, for the refusal (empty: the generic reason).
+    no_context_parallel: str = ""
+    # How many layers use softmax attention, for FLOP counting (None: every layer; flame/models/flops.py).
+    softmax_attention_layers: Callable[[Any], int] | None = None
+
+    @property
+    def cp_state_passing(self) -> bool:
+        """Context parallelism by passing linear-attention states between sequence chunks."""
+        return bool(self.state_passing_modules)
 
     def with_model(self, model: nn.Module) -> ModelAdapter:
         """This adapter, knowing the attention implementation of the built ``model``."""
@@ -59,8 +82,8 @@ class ModelAdapter:
         """How packed documents are kept apart in attention: "fla" (fla layers' ``cu_seqlens``),
         "flash" (flash-attention varlen kwargs), "sdpa" (boolean block mask) or "eager" (additive mask)."""
         impl = self.attn_implementation
-        if self.registered_by == "fla":
-            return "fla"
+        if self.varlen:
+            return self.varlen
         if "flash" in impl:  # flash_attention_2/3 and kernels-hub flash-attn builds
             return "flash"
         if impl in ("sdpa", "eager", ""):
@@ -78,7 +101,7 @@ class ModelAdapter:
         if base is None or not isinstance(getattr(base, self.layers_attr, None), (nn.ModuleList, nn.ModuleDict)):
             raise ConfigError(
                 f"model family {self.family!r} ({type(model).__name__}) has no `{prefix}.{self.layers_attr}` "
-                "list of decoder layers; register a ModelAdapter for it in flame/models/adapters.py"
+                "list of decoder layers; register a ModelAdapter for it (a module in flame/models/families/)"
             )
         return base
 
@@ -104,8 +127,6 @@ class ModelAdapter:
         """
         if "position_ids" not in batch:
             return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
-        from flame.data.varlen import block_causal_mask, cu_seqlens_from_position_ids
-
         route = self.varlen_route()
         if route not in _LOGGED_ROUTES:
             _LOGGED_ROUTES.add(route)
@@ -147,91 +168,38 @@ _ROUTE_TEXT = {
 }
 
 _ADAPTERS: dict[str, ModelAdapter] = {}
+_FAMILIES_REGISTERED = False  # set by flame.models.families once its modules have registered
 
 
 def register_adapter(model_type: str, adapter: ModelAdapter) -> None:
-    """Use ``adapter`` for configs whose ``model_type`` is ``model_type``."""
+    """Use ``adapter`` for configs whose ``model_type`` is ``model_type`` (a later call replaces it)."""
     _ADAPTERS[model_type] = adapter
 
 
-def _register_builtin() -> None:
-    from flame.models.pipeline import llama_stage_forward
-    from flame.models.tensor_parallel import LLAMA_LAYER_PLAN
-
-    for model_type in ("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite"):
-        register_adapter(
-            model_type,
-            ModelAdapter(
-                family=model_type, tp_plan=LLAMA_LAYER_PLAN, stage_forward=llama_stage_forward, context_parallel=True
-            ),
-        )
+def families_registered() -> None:
+    """Called by ``flame.models.families`` when every built-in family has registered."""
+    global _FAMILIES_REGISTERED
+    _FAMILIES_REGISTERED = True
 
 
-_register_builtin()
-
-# Model types that flash-linear-attention 0.6.0 registers on `import fla` (a test keeps this list equal to
-# fla's). Their layers run fla's Triton kernels (some also need the flash-attn package): CUDA only. Note that
-# fla registers "mamba", "mamba2" and "bitnet" over transformers' own classes of those names: in flame those
-# model types always mean fla's implementations, whatever else was imported.
-FLA_MODEL_TYPES = (
-    "abc", "bitnet", "cat", "comba", "cyclic_flow_attention", "delta_net", "deltaformer",
-    "forgetting_transformer", "gated_deltanet", "gated_deltaproduct", "gla", "gsa", "hgrn", "hgrn2", "kda",
-    "lightnet", "linear_attn", "log_linear_mamba2", "mamba", "mamba2", "mamba3", "mesa_net", "mla", "moba",
-    "mom", "nsa", "parallax", "path_attn", "precond_gated_deltanet", "precond_kda", "raven", "retnet",
-    "rodimus", "rwkv6", "rwkv7", "samba", "stickbreaking_attn", "transformer", "wall_transformer", "yoco",
-)  # fmt: skip
-for _model_type in FLA_MODEL_TYPES:
-    register_adapter(_model_type, ModelAdapter(family=_model_type, registered_by="fla", device_types=("cuda",)))
-
-
-def _register_fla_with_cpu_path() -> None:
-    """fla families with a PyTorch path for CPU tensors (flame/models/fla_reference.py) and a TP plan."""
-    from flame.models.tensor_parallel import (
-        FLA_DELTANET_LAYER_PLAN,
-        FLA_GATED_DELTANET_LAYER_PLAN,
-        FLA_GLA_LAYER_PLAN,
-    )
-
-    register_adapter(
-        "gla",
-        ModelAdapter(
-            family="gla",
-            registered_by="fla",
-            device_types=("cpu", "cuda"),
-            tp_plan=FLA_GLA_LAYER_PLAN,
-            tp_local_kernels=True,
-            context_parallel=True,
-            cp_state_passing=True,
-        ),
-    )
-    for model_type, plan in (("gated_deltanet", FLA_GATED_DELTANET_LAYER_PLAN), ("delta_net", FLA_DELTANET_LAYER_PLAN)):
-        register_adapter(
-            model_type,
-            ModelAdapter(
-                family=model_type,
-                registered_by="fla",
-                device_types=("cpu", "cuda"),
-                tp_plan=plan,
-                tp_local_kernels=True,
-                context_parallel=True,
-                cp_state_passing=True,
-            ),
-        )
-
-
-_register_fla_with_cpu_path()
+def _registry() -> dict[str, ModelAdapter]:
+    # The generic layers never import the families (they are above them): the callers that look a family
+    # up (the trainer, the dry run, validation, conversion) import flame.models.families first.
+    if not _FAMILIES_REGISTERED:
+        raise RuntimeError("no model families are registered: import flame.models.families before looking one up")
+    return _ADAPTERS
 
 
 def tensor_parallel_families() -> list[str]:
     """Model types whose adapter has a tensor-parallel plan."""
-    return [name for name, adapter in _ADAPTERS.items() if adapter.tp_plan is not None]
+    return [name for name, adapter in _registry().items() if adapter.tp_plan is not None]
 
 
 def context_parallel_families() -> list[str]:
     """Model types whose adapter allows context parallelism."""
-    return [name for name, adapter in _ADAPTERS.items() if adapter.context_parallel]
+    return [name for name, adapter in _registry().items() if adapter.context_parallel]
 
 
 def adapter_for(model_type: str) -> ModelAdapter:
     """The adapter registered for ``model_type``, else the generic one."""
-    return _ADAPTERS.get(model_type, ModelAdapter(family=model_type))
+    return _registry().get(model_type, ModelAdapter(family=model_type))

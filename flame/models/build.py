@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from flame.config.errors import ConfigError
+from flame.models.adapters import adapter_for
 
 logger = logging.getLogger("flame.models")
 
@@ -53,7 +54,7 @@ def import_custom_models(path: str) -> None:
         ) from e
 
 
-def _declared_model_type(path: str) -> str:
+def declared_model_type(path: str) -> str:
     """The ``model_type`` a config file declares ("" if it cannot be read; AutoConfig then says why)."""
     import json
 
@@ -67,10 +68,10 @@ def _declared_model_type(path: str) -> str:
 
 
 def import_family(model_type: str) -> None:
-    """Import the module that registers ``model_type``'s classes (e.g. ``fla``), if its adapter names one."""
-    from flame.models.adapters import adapter_for
-
-    module = adapter_for(model_type).registered_by
+    """Import the module that registers ``model_type``'s classes (e.g. ``fla``), if its adapter names one,
+    then run the adapter's ``on_import`` (fla: the CPU paths and context-parallel wrappers)."""
+    adapter = adapter_for(model_type)
+    module = adapter.registered_by
     if not module:
         return
     try:
@@ -82,12 +83,19 @@ def import_family(model_type: str) -> None:
             f"--model.config: model type {model_type!r} is provided by the {module!r} package, which cannot be "
             f"imported here ({e}); install it (flash-linear-attention for fla) or choose another model type"
         ) from e
-    if module == "fla":
-        # CPU tensors of the families with a PyTorch path take it (flame/models/fla_reference.py), and GLA
-        # layers can run context-parallel (flame/models/fla_context_parallel.py; a no-op outside CP).
-        from flame.models.fla_context_parallel import install
+    if adapter.on_import is not None:
+        adapter.on_import()
 
-        install()
+
+def load_tokenizer(path: str):
+    """The tokenizer at ``--model.tokenizer_path``, or a ConfigError saying why it cannot load."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--model.tokenizer_path {path!r} cannot be loaded by AutoTokenizer: {first}") from e
 
 
 def load_model_config(path: str, tokenizer=None, norm_type: str = ""):
@@ -106,7 +114,7 @@ def load_model_config(path: str, tokenizer=None, norm_type: str = ""):
         raise ConfigError("--model.config is required: a JSON config file or a folder with config.json.")
     if not os.path.exists(path):
         raise ConfigError(f"--model.config: {path!r} does not exist (a JSON file or a folder with config.json).")
-    import_family(_declared_model_type(path))
+    import_family(declared_model_type(path))
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
@@ -140,8 +148,6 @@ def build_meta_model(config, for_device: str | None = "auto") -> nn.Module:
     rather than a kernel crash at the first step. ``None`` skips the check (conversion runs no kernels).
     """
     from transformers import AutoModelForCausalLM
-
-    from flame.models.adapters import adapter_for
 
     if for_device == "auto":
         for_device = "cuda" if torch.cuda.is_available() else "cpu"

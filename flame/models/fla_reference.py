@@ -1,33 +1,28 @@
 """A pure-PyTorch path for flash-linear-attention (fla) models on the CPU.
 
-fla 0.6.0 runs its layers only as Triton kernels, which need a GPU. For the families listed in
-``REFERENCE_FAMILIES`` flame supplies PyTorch implementations of the pieces those layers call — the
-gated-linear-attention recurrence (chunked, exact), fla's fused RMSNorm and gated RMSNorm, its short
-causal convolution and its SwiGLU — and installs them behind a device check: tensors on the CPU take
-the PyTorch code, tensors on a GPU take fla's kernels unchanged. So a GLA model trains on a laptop
-(slowly: these are references, not kernels), and tensor and context parallelism of fla layers are
-checked here with real processes on gloo.
+fla 0.6.0 runs its layers only as Triton kernels, which need a GPU. For some fla families flame
+supplies PyTorch implementations of the pieces their layers call — the gated-linear-attention
+recurrence (chunked, exact), the (gated) delta rule, fla's fused RMSNorm and gated RMSNorm, its short
+causal convolution and its SwiGLU — and ``patch`` installs them behind a device check: tensors on the
+CPU take the PyTorch code, tensors on a GPU take fla's kernels unchanged. So a GLA model trains on a
+laptop (slowly: these are references, not kernels), and tensor and context parallelism of fla layers
+are checked here with real processes on gloo.
 
 Gated DeltaNet's recurrence runs step by step (a loop over the sequence), so keep its CPU runs short.
 
-``install()`` is called when flame imports fla (``flame.models.build.import_family``); it is
-idempotent and changes nothing for CUDA tensors.
+Which fla function each reference replaces is the family's business: the family modules in
+``flame/models/families/`` patch their lists when flame imports fla (the adapter's ``on_import``);
+patching is idempotent and changes nothing for CUDA tensors.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-# fla model types whose every layer has a CPU path here.
-REFERENCE_FAMILIES = ("gla", "gated_deltanet", "delta_net")
-
-_INSTALLED = False
 
 
 # --------------------------------------------------------------------------------------------- GLA
@@ -318,41 +313,24 @@ def _dispatch(original: Callable, reference: Callable, first_tensor: Callable[..
     return call
 
 
-def _op_input(*args: Any, **kwargs: Any) -> Any:
+def op_input(*args: Any, **kwargs: Any) -> Any:
+    """The tensor that decides the device of an fla op call ``op(q, k, v, ...)``."""
     return args[0] if args else kwargs.get("q")
 
 
-def _method_input(self: Any, *args: Any, **kwargs: Any) -> Any:
+def method_input(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """The tensor that decides the device of an fla module's ``forward(self, x, ...)``."""
     return args[0] if args else kwargs.get("x")
 
 
-def _patch(owner: Any, name: str, reference: Callable, first_tensor: Callable[..., Any]) -> None:
+def first_input(*args: Any, **kwargs: Any) -> Any:
+    """The tensor that decides the device of a function ``f(x, ...)``."""
+    return args[0] if args else kwargs.get("x")
+
+
+def patch(owner: Any, name: str, reference: Callable, first_tensor: Callable[..., Any]) -> None:
+    """Route ``owner.<name>`` to ``reference`` for CPU tensors (idempotent)."""
     original = getattr(owner, name)
     if getattr(original, "__flame_reference__", False):
         return
     setattr(owner, name, _dispatch(original, reference, first_tensor))
-
-
-def install() -> None:
-    """Route fla's kernels for CPU tensors to the PyTorch references above (idempotent)."""
-    global _INSTALLED
-    if _INSTALLED:
-        return
-    gla_layer = importlib.import_module("fla.layers.gla")
-    gdn_layer = importlib.import_module("fla.layers.gated_deltanet")
-    delta_layer = importlib.import_module("fla.layers.delta_net")
-    modules = importlib.import_module("fla.modules")
-    mlp = importlib.import_module("fla.modules.mlp")
-    for name in ("chunk_gla", "fused_recurrent_gla"):
-        _patch(gla_layer, name, gla_reference, _op_input)
-    for name in ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"):
-        _patch(gdn_layer, name, gated_delta_rule_reference, _op_input)
-    for name in ("chunk_delta_rule", "fused_recurrent_delta_rule"):
-        _patch(delta_layer, name, delta_rule_reference, _op_input)
-    _patch(gdn_layer, "causal_conv1d", causal_conv1d_reference, lambda *a, **k: a[0] if a else k.get("x"))
-    _patch(modules.RMSNorm, "forward", rms_norm_forward, _method_input)
-    _patch(modules.FusedRMSNormGated, "forward", rms_norm_gated_forward, _method_input)
-    _patch(modules.ShortConvolution, "forward", short_convolution_forward, _method_input)
-    _patch(mlp, "swiglu", swiglu_reference, lambda *a, **k: a[0] if a else k.get("x"))
-    _patch(mlp, "swiglu_linear", swiglu_linear_reference, lambda *a, **k: a[0] if a else k.get("x"))
-    _INSTALLED = True

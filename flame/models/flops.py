@@ -14,26 +14,14 @@ from typing import Any
 
 from torch import nn
 
-# fla families whose token mixers are linear attention / recurrent / state-space (no L x L scores).
-LINEAR_ATTENTION_TYPES = {
-    "gla", "delta_net", "gated_deltanet", "mamba", "mamba2", "hgrn", "hgrn2", "gsa", "rwkv6", "rwkv7",
-    "retnet", "based", "abc", "linear_attn", "lightnet", "mesa_net", "comba", "path_attn_linear",
-}  # fmt: skip
+from flame.models.adapters import adapter_for
 
 
 def softmax_attention_layers(config: Any) -> int:
-    """How many layers use softmax attention: all for transformers, none for linear-attention families,
-    and for hybrids (``attn`` settings in fla configs, e.g. Samba) the listed attention layers."""
-    model_type = getattr(config, "model_type", "")
-    num_layers = int(getattr(config, "num_hidden_layers", 0))
-    attn = getattr(config, "attn", None)
-    if isinstance(attn, dict) and "layers" in attn:
-        return len(attn["layers"])
-    if model_type == "samba":  # Mamba blocks alternating with sliding-window attention
-        return num_layers // 2
-    if model_type in LINEAR_ATTENTION_TYPES:
-        return 0
-    return num_layers
+    """How many layers use softmax attention: the family adapter says (linear-attention and state-space
+    families: none, hybrids: their attention layers), else all of them."""
+    count = adapter_for(str(getattr(config, "model_type", ""))).softmax_attention_layers
+    return count(config) if count is not None else int(getattr(config, "num_hidden_layers", 0))
 
 
 def flops_per_token(model: nn.Module, config: Any, seq_len: int) -> int:

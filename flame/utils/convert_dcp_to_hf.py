@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import flame.models.families  # noqa: F401  (registers the model families)
 from flame.config.errors import ConfigError
 from flame.models.build import build_meta_model, import_custom_models, load_model_config
 from flame.utils._checkpoint_io import (

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-from flame.models.context_parallel import ContextParallel, allgather_attention, attach, shard_indices
+from flame.parallel.context_parallel import ContextParallel, shard_indices
+from flame.parallel.cp_attention import allgather_attention, attach
 
 TOLERANCE = 1e-5  # fp32, absolute: only the order of the sums differs
 

@@ -19,8 +19,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
-from flame.models import fla_context_parallel as fcp
-from flame.models.context_parallel import shard_indices
+from flame.models.families import fla, fla_delta, fla_gla
+from flame.parallel import state_passing as sp
+from flame.parallel.context_parallel import shard_indices
 
 TOLERANCE = 1e-5  # fp32, absolute
 
@@ -35,11 +36,12 @@ def compare(case: str, ours: list[torch.Tensor], full: list[torch.Tensor], index
 def main() -> int:
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("cp",))
-    fcp.install()
+    for install in (fla.install_common, fla_gla.install, fla_delta.install):  # as importing fla in training does
+        install()
     import fla.layers.gla as gla_layer
     from fla.modules import ShortConvolution
 
-    state = fcp._State(mesh=mesh, degree=mesh.size(), rank=mesh.get_local_rank())
+    state = sp.CPState(mesh=mesh, degree=mesh.size(), rank=mesh.get_local_rank())
     B, L, H, K, V = 2, 12 * mesh.size(), 2, 4, 3
     index = shard_indices(L, mesh.size(), mesh.get_local_rank())
     gen = torch.Generator().manual_seed(0)
@@ -54,11 +56,11 @@ def main() -> int:
     out, _ = gla_layer.chunk_gla(*full[:3], g=full[3], state_v_first=True)
     (out * upstream).sum().backward()
     local = [t[:, index].clone().requires_grad_() for t in (q, k, v, g)]
-    token = fcp._ACTIVE.set(state)
+    token = sp._ACTIVE.set(state)
     try:
         mine, _ = gla_layer.chunk_gla(*local[:3], g=local[3], state_v_first=True)
     finally:
-        fcp._ACTIVE.reset(token)
+        sp._ACTIVE.reset(token)
     (mine * upstream[:, index]).sum().backward()
     results = [compare("gla", [mine, *(t.grad for t in local)], [out, *(t.grad for t in full)], index)]
 
@@ -76,13 +78,13 @@ def main() -> int:
     out, _ = gdn_layer.chunk_gated_delta_rule(q=full[0], k=full[1], v=full[2], g=full[3], beta=full[4], **options)
     (out * upstream).sum().backward()
     local = [t[:, index].clone().requires_grad_() for t in (q, k, v, a, b)]
-    token = fcp._ACTIVE.set(state)
+    token = sp._ACTIVE.set(state)
     try:
         mine, _ = gdn_layer.chunk_gated_delta_rule(
             q=local[0], k=local[1], v=local[2], g=local[3], beta=local[4], **options
         )
     finally:
-        fcp._ACTIVE.reset(token)
+        sp._ACTIVE.reset(token)
     (mine * upstream[:, index]).sum().backward()
     results.append(compare("gated_delta", [mine, *(t.grad for t in local)], [out, *(t.grad for t in full)], index))
 
@@ -93,13 +95,13 @@ def main() -> int:
     out, _ = delta_layer.chunk_delta_rule(q=full[0], k=full[1], v=full[2], beta=full[3], use_qk_l2norm_in_kernel=True)
     (out * upstream[:, :, :HQ]).sum().backward()
     local = [t.detach()[:, index].clone().requires_grad_() for t in full]
-    token = fcp._ACTIVE.set(state)
+    token = sp._ACTIVE.set(state)
     try:
         mine, _ = delta_layer.chunk_delta_rule(
             q=local[0], k=local[1], v=local[2], beta=local[3], use_qk_l2norm_in_kernel=True
         )
     finally:
-        fcp._ACTIVE.reset(token)
+        sp._ACTIVE.reset(token)
     (mine * upstream[:, index, :HQ]).sum().backward()
     results.append(compare("delta", [mine, *(t.grad for t in local)], [out, *(t.grad for t in full)], index))
 
@@ -112,11 +114,11 @@ def main() -> int:
     y, _ = conv(x)
     (y * up).sum().backward()
     x_local = x.detach()[:, index].clone().requires_grad_()
-    token = fcp._ACTIVE.set(state)
+    token = sp._ACTIVE.set(state)
     try:
         y_local, _ = conv(x_local)
     finally:
-        fcp._ACTIVE.reset(token)
+        sp._ACTIVE.reset(token)
     (y_local * up[:, index]).sum().backward()
     results.append(compare("conv", [y_local, x_local.grad], [y, x.grad], index))
 

@@ -11,7 +11,7 @@ import torch
 from flame.config.errors import ConfigError
 from flame.config.schema import JobConfig
 from flame.config.validate import validate
-from flame.models.context_parallel import choose_path, gathered_order, shard_indices
+from flame.parallel.context_parallel import choose_path, gathered_order, shard_indices
 from tests.helpers import ROOT, read_metrics, torchrun, train
 
 

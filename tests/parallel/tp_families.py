@@ -15,8 +15,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+import flame.models.families  # noqa: F401  (registers the model families)
 from flame.models.adapters import adapter_for
-from flame.models.tensor_parallel import apply_tensor_parallel
+from flame.parallel.tensor_parallel import apply_tensor_parallel
 
 COMMON = {
     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -68,9 +69,13 @@ def compare(family: str, sequence_parallel: bool, use_loss_parallel: bool, mesh)
         reference = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
     model = copy.deepcopy(reference)
     adapter = adapter_for(family)
+    layers = list(adapter.layers(model).children())
+    if adapter.prepare_layer is not None:  # as parallelize() does before tensor parallelism
+        for layer in layers:
+            adapter.prepare_layer(layer)
     apply_tensor_parallel(
         model,
-        list(adapter.layers(model).children()),
+        layers,
         adapter.tp_plan,
         mesh,
         use_loss_parallel,

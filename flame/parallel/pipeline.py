@@ -4,7 +4,7 @@ Each stage is the causal LM itself with the parts other stages own removed: the 
 not in the stage are dropped (the rest are kept in a ModuleDict under their original indices), the
 embedding stays on the first stage, the final norm and the output head on the last. Parameter
 names are therefore the Hugging Face names, and pipeline checkpoints load without pipelining and
-the other way round. The stage's forward is the family adapter's (``stage_forward``).
+the other way round. The stage's forward is the family adapter's (``stage_forward``, in ``flame/models/families/``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from flame.config.errors import ConfigError
 
-logger = logging.getLogger("flame.models")
+logger = logging.getLogger("flame.parallel")
 
 # Schedules and how their stages are placed: "loop" puts stage s on rank s % pp, "v" folds the
 # second half back (rank r holds r and 2 pp - 1 - r).
@@ -99,36 +99,6 @@ def build_stage_model(model: nn.Module, adapter: Any, layer_ids: list[int], firs
         stage.lm_head = None
     stage.forward = types.MethodType(lambda self, x: adapter.stage_forward(self, x, first, last), stage)
     return stage
-
-
-# Set on a model by tensor parallelism: the number of sequence shards of its residual stream.
-SEQUENCE_SHARDS_ATTR = "_flame_sequence_shards"
-
-
-def llama_stage_forward(model: Any, x: torch.Tensor, first: bool, last: bool) -> torch.Tensor:
-    """One stage of a Llama-style decoder: token ids or hidden states in, hidden states or logits out.
-
-    Attention is causal (no mask is passed), positions are 0..L-1, or under context parallelism the
-    global positions of this rank's shard of the sequence.
-    """
-    from flame.models.context_parallel import CONTEXT_SHARD_ATTR, shard_indices
-
-    decoder = model.model
-    hidden = decoder.embed_tokens(x) if first else x
-    # Under sequence parallelism the hidden states between stages are this rank's sequence shard.
-    length = x.shape[1] if first else x.shape[1] * getattr(model, SEQUENCE_SHARDS_ATTR, 1)
-    cp_shard = getattr(model, CONTEXT_SHARD_ATTR, None)  # (cp degree, cp rank)
-    if cp_shard is None:
-        positions = torch.arange(length, device=hidden.device).unsqueeze(0)
-    else:
-        cp_degree, cp_rank = cp_shard
-        positions = shard_indices(length * cp_degree, cp_degree, cp_rank, hidden.device).unsqueeze(0)
-    position_embeddings = decoder.rotary_emb(hidden, positions)
-    for layer in decoder.layers.values():
-        hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=position_embeddings)
-    if last:
-        return model.lm_head(decoder.norm(hidden))
-    return hidden
 
 
 def build_schedule(name: str, stages: list, num_microbatches: int, loss_fn) -> Any:

@@ -1,6 +1,7 @@
 """Tensor parallelism (DTensor) for Hugging Face decoders, with sequence and loss parallelism.
 
-The family adapter supplies the plan (which projections are split by columns or rows).
+The family adapter supplies the plan (which projections are split by columns or rows; the plans live
+with their families in ``flame/models/families/``).
 
 Sequence parallelism: between the sublayers the residual stream is sharded over the sequence
 (``Shard(1)``): the embedding reduce-scatters into it, the norms on the residual stream
@@ -33,100 +34,36 @@ from flame.config.errors import ConfigError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-logger = logging.getLogger("flame.models")
+logger = logging.getLogger("flame.parallel")
 
-# Llama-style decoder layer: attention q/k/v split by heads (columns), o by rows; the gated MLP the same.
-LLAMA_LAYER_PLAN = {
-    "self_attn.q_proj": "colwise",
-    "self_attn.k_proj": "colwise",
-    "self_attn.v_proj": "colwise",
-    "self_attn.o_proj": "rowwise",
-    "mlp.gate_proj": "colwise",
-    "mlp.up_proj": "colwise",
-    "mlp.down_proj": "rowwise",
-}
+# Set on a model under sequence parallelism: the number of sequence shards of its residual stream (pipeline
+# stage forwards compute the full length from it).
+SEQUENCE_SHARDS_ATTR = "_flame_sequence_shards"
 
-
-# fla's GatedMLP: as the Llama MLP, its fused SwiGLU + down projection on this rank's columns.
-_FLA_MLP_PLAN = {
-    "mlp.gate_proj": "colwise",
-    "mlp.up_proj": "colwise",
-    "mlp.down_proj": "rowwise",
-    "mlp.swiglu_linear": "swiglu_linear",
-}
-
-# fla's gated linear attention (GLA) layer: q/k/v/output-gate projections and the second, widening
-# projection of the low-rank key gate split by heads; the first, low-rank one replicated; the short
-# convolutions split by channels like the projections feeding them; o by rows. fla's GatedMLP as the
-# Llama MLP, its fused SwiGLU+down-projection ("swiglu_linear") on this rank's columns.
-FLA_GLA_LAYER_PLAN = {
-    "attn.q_proj": "colwise",
-    "attn.k_proj": "colwise",
-    "attn.v_proj": "colwise",
-    "attn.g_proj": "colwise",
-    "attn.gk_proj.0": "replicate",
-    "attn.gk_proj.1": "colwise",
-    "attn.q_conv1d": "channels",
-    "attn.k_conv1d": "channels",
-    "attn.v_conv1d": "channels",
-    "attn.o_proj": "rowwise",
-    **_FLA_MLP_PLAN,
-}
+# Config fields whose sizes tensor parallelism splits (heads, KV heads, MLP width), when present.
+TP_DIM_FIELDS = (
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_heads",
+    "num_kv_heads",
+    "num_v_heads",
+    "intermediate_size",
+)
 
 
-# fla's Gated DeltaNet layer: q/k/v/output-gate projections and the per-head gate and beta inputs (a, b)
-# split by heads, its per-head decay parameters (A_log, dt_bias: "heads") too, convolutions by channels.
-FLA_GATED_DELTANET_LAYER_PLAN = {
-    "attn": "heads",
-    "attn.q_proj": "colwise",
-    "attn.k_proj": "colwise",
-    "attn.v_proj": "colwise",
-    "attn.a_proj": "colwise",
-    "attn.b_proj": "colwise",
-    "attn.g_proj": "colwise",
-    "attn.q_conv1d": "channels",
-    "attn.k_conv1d": "channels",
-    "attn.v_conv1d": "channels",
-    "attn.o_proj": "rowwise",
-    **_FLA_MLP_PLAN,
-}
+def check_tp_divisibility(dims: dict[str, int | None], tp: int) -> list[str]:
+    """Problems that make ``tp`` impossible for a model whose split sizes are ``dims`` (config field name ->
+    size, None when the config has no such field): heads, KV heads, MLP width."""
+    return [
+        f"--training.tensor_parallel_degree {tp}: the model's {name} ({value}) is not divisible by it"
+        for name, value in dims.items()
+        if value is not None and value % tp
+    ]
 
 
-# fla's DeltaNet layer: as Gated DeltaNet without the per-head decay parameters.
-FLA_DELTANET_LAYER_PLAN = {name: style for name, style in FLA_GATED_DELTANET_LAYER_PLAN.items() if name != "attn"}
-
-
-def _fla_intermediate_size(model_config: Any) -> int | None:
-    """The width of fla's GatedMLP when the config leaves it to the formula in ``fla.modules.GatedMLP``."""
-    hidden, ratio = getattr(model_config, "hidden_size", None), getattr(model_config, "hidden_ratio", None)
-    if hidden is None:
-        return None
-    width = int(hidden * (ratio or 4) * 2 / 3)
-    return 256 * ((width + 255) // 256)
-
-
-def check_tp_divisibility(model_config: Any, tp: int) -> list[str]:
-    """Problems that make ``tp`` impossible for this config (heads, KV heads, MLP width)."""
-    problems = []
-    values = {
-        name: getattr(model_config, name, None)
-        for name in (
-            "num_attention_heads",
-            "num_key_value_heads",
-            "num_heads",
-            "num_kv_heads",
-            "num_v_heads",
-            "intermediate_size",
-        )
-    }
-    if "num_heads" in vars(model_config) and values["intermediate_size"] is None:  # an fla config
-        values["intermediate_size"] = _fla_intermediate_size(model_config)
-    for name, value in values.items():
-        if value is not None and value % tp:
-            problems.append(
-                f"--training.tensor_parallel_degree {tp}: the model's {name} ({value}) is not divisible by it"
-            )
-    return problems
+def tp_dims(model_config: Any) -> dict[str, int | None]:
+    """The generic split sizes of a config (``TP_DIM_FIELDS``)."""
+    return {name: getattr(model_config, name, None) for name in TP_DIM_FIELDS}
 
 
 def _replicate_norm(module: nn.Module, mesh: DeviceMesh, inside_block: bool) -> None:
@@ -332,9 +269,6 @@ def apply_tensor_parallel(
             else:
                 raise ValueError(f"unknown tensor-parallel style {style!r} for {name}")
         parallelize_module(layer, mesh, plan)
-        for module in layer.modules():
-            if hasattr(module, "_use_fused_qkv_conv"):  # fla: one conv kernel on concatenated q/k/v weights
-                setattr(module, "_use_fused_qkv_conv", lambda *args, **kwargs: False)  # noqa: B010  (each conv on its own channels)
         # Norms directly on the residual stream (pre- and post-norms) work on the sequence shard.
         for child in layer.children():
             if _is_norm(child):
@@ -349,8 +283,6 @@ def apply_tensor_parallel(
     if embedding is not None:
         parallelize_module(embedding, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=seq))
     if sequence_parallel:
-        from flame.models.pipeline import SEQUENCE_SHARDS_ATTR
-
         setattr(model, SEQUENCE_SHARDS_ATTR, mesh.size())
         decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
         if decoder is not None and embedding is not None:

@@ -1,10 +1,13 @@
 """Parallelisation, applied in one place and in a fixed order.
 
-Order (each step only if enabled): pipeline split -> float8 linear layers -> tensor parallel (async
-TP) -> context parallel ->
-activation checkpointing -> compile -> FSDP2/HSDP -> (weights are initialised after this, by
-``flame.models.build.init_weights``). Later steps wrap what earlier ones produced: FSDP must see
+Order (each step only if enabled): pipeline split (``flame.parallel.pipeline.Pipeline``, before this:
+each stage is parallelised on its own) -> float8 linear layers -> tensor parallel (async TP) -> context
+parallel -> activation checkpointing -> compile -> FSDP2/HSDP -> (weights are initialised after this,
+by ``flame.models.build.init_weights``). Later steps wrap what earlier ones produced: FSDP must see
 the checkpointed/compiled layers so that it all-gathers inside the recomputation.
+
+The machinery is generic; what differs per model family comes from its adapter
+(``flame/models/families/``): the TP plan, whether its norms run on local kernels, its CP path.
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ from torch import nn
 import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
 from flame.config.errors import ConfigError
 from flame.config.schema import JobConfig
-from flame.models.adapters import ModelAdapter
-from flame.models.tensor_parallel import apply_tensor_parallel
+from flame.models.adapters import ModelAdapter, tensor_parallel_families
+from flame.parallel.context_parallel import choose_path, uses_sliding_window
+from flame.parallel.cp_attention import apply_context_parallel
+from flame.parallel.float8 import apply_float8
+from flame.parallel.state_passing import apply_state_passing
+from flame.parallel.tensor_parallel import apply_tensor_parallel
 
-logger = logging.getLogger("flame.models")
+logger = logging.getLogger("flame.parallel")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,19 +97,20 @@ def enable_async_tensor_parallel(tp_mesh) -> None:
     logger.info("async tensor parallel: inductor micro-pipelines the TP collectives (symmetric memory)")
 
 
-def context_parallel_path(model: nn.Module, config: JobConfig, device_type: str) -> tuple[str, str]:
+def context_parallel_path(
+    model: nn.Module, adapter: ModelAdapter, config: JobConfig, device_type: str
+) -> tuple[str, str]:
     """The context-parallel attention path for this model and run, and why (see ``choose_path``)."""
-    from flame.models.adapters import adapter_for
-    from flame.models.context_parallel import choose_path, uses_sliding_window
-
-    e = config.experimental
-    if adapter_for(str(getattr(getattr(model, "config", None), "model_type", ""))).cp_state_passing:
+    if adapter.cp_state_passing:
         return "state_passing", (
             "linear-attention state passing between the sequence chunks (fla kernels on CUDA, flame's PyTorch "
-            "path on CPU; flame/models/fla_context_parallel.py)"
+            "path on CPU; flame/parallel/state_passing.py)"
         )
     return choose_path(
-        device_type, config.training.varlen, uses_sliding_window(model.config), e.context_parallel_rotate_method
+        device_type,
+        config.training.varlen,
+        uses_sliding_window(model.config),
+        config.experimental.context_parallel_rotate_method,
     )
 
 
@@ -112,21 +120,24 @@ def parallelize(
     """Apply every enabled parallelism to ``model`` (on the meta device) in the documented order.
 
     ``device_type`` is where the model will run ("cuda" or "cpu"): it picks the context-parallel path."""
+    layers = list(adapter.layers(model).children())
+    # 1. float8: swap the linear layers before TP and FSDP see them.
     if config.float8.enable_float8_linear:
-        from flame.models.float8 import apply_float8
-
         apply_float8(model, config)
+    # The family's own preparation of its layers for TP and state passing (fla: unfused convolutions).
+    if adapter.prepare_layer is not None and (parallel_dims.tp_enabled or parallel_dims.cp_enabled):
+        for layer in layers:
+            adapter.prepare_layer(layer)
+    # 2. tensor parallel (+ sequence and loss parallel), async TP.
     if parallel_dims.tp_enabled:
         if adapter.tp_plan is None:
-            from flame.models.adapters import tensor_parallel_families
-
             raise ConfigError(
                 f"--training.tensor_parallel_degree: model family {adapter.family!r} has no tensor-parallel plan; "
                 f"families with one: {', '.join(tensor_parallel_families())}"
             )
         apply_tensor_parallel(
             model,  # type: ignore[arg-type]
-            list(adapter.layers(model).children()),
+            layers,
             adapter.tp_plan,
             parallel_dims.get_mesh("tp"),
             loss_parallel=not config.training.disable_loss_parallel,
@@ -134,28 +145,21 @@ def parallelize(
         )
         if config.experimental.enable_async_tensor_parallel:
             enable_async_tensor_parallel(parallel_dims.get_mesh("tp"))
+    # 3. context parallel: the attention function, or state passing, over the cp axis.
     if parallel_dims.cp_enabled:
-        from flame.models.context_parallel import apply_context_parallel
-
         if not adapter.context_parallel:
             raise ConfigError(
                 f"--experimental.context_parallel_degree: model family {adapter.family!r} has no context-parallel "
-                "attention (see flame/models/context_parallel.py)"
+                "attention (see flame/parallel/context_parallel.py)"
             )
-        path, why = context_parallel_path(model, config, device_type)
+        path, why = context_parallel_path(model, adapter, config, device_type)
         mesh = parallel_dims.get_mesh("cp")
         if adapter.cp_state_passing:
-            from flame.models.fla_context_parallel import apply_fla_context_parallel
-
-            apply_fla_context_parallel(model, list(adapter.layers(model).children()), mesh)
+            if adapter.on_import is not None:  # installs the op wrappers (idempotent; done when the family loaded)
+                adapter.on_import()
+            apply_state_passing(model, layers, mesh, adapter.state_passing_modules)
         else:
-            apply_context_parallel(
-                model,
-                list(adapter.layers(model).children()),
-                mesh,
-                path,
-                config.experimental.context_parallel_rotate_method,
-            )
+            apply_context_parallel(model, layers, mesh, path, config.experimental.context_parallel_rotate_method)
         logger.info(
             "context parallel: degree %d over mesh axis %s, load-balanced shards of seq_len/%d tokens; attention "
             "path %s: %s",
@@ -165,12 +169,14 @@ def parallelize(
             path,
             why,
         )
+    # 4. activation checkpointing, 5. compile: per decoder layer, inside what FSDP wraps.
     ac = config.activation_checkpoint
     if ac.mode != "none":
         apply_activation_checkpointing(adapter.decoder(model), ac.mode, ac.selective_ac_option)
     if config.training.compile:
         apply_compile(adapter.decoder(model))
-    # Parameters are replicated over CP: FSDP shards them and reduces gradients over "fsdp" = dp_shard x cp.
+    # 6. FSDP2/HSDP. Parameters are replicated over CP: FSDP shards them and reduces gradients over
+    # "fsdp" = dp_shard x cp.
     if parallel_dims.fsdp_enabled or parallel_dims.dp_replicate_enabled:
         axes = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
         mesh = parallel_dims.get_mesh(axes)

@@ -5,7 +5,7 @@ are multiples of 16 (the float8 GEMM's requirement) for torchao's ``Float8Linear
 tensorwise scaling (e4m3 for inputs and weights, e5m2 for output gradients); the output projection
 (``lm_head``) stays in high precision, as usual. Parameter names do not change, so checkpoints and the
 Hugging Face conversion work as without float8. It runs on the meta-device model before tensor
-parallelism and FSDP (``flame/models/parallelize.py``).
+parallelism and FSDP (``flame/parallel/parallelize.py``).
 
 ``--float8.enable_fsdp_float8_all_gather`` makes FSDP2 all-gather those weights in float8 (half the
 bytes of bf16); ``--float8.precompute_float8_dynamic_scale_for_fsdp`` then computes the scales of all
@@ -27,7 +27,7 @@ from torch import nn
 
 from flame.config.errors import ConfigError
 
-logger = logging.getLogger("flame.models")
+logger = logging.getLogger("flame.parallel")
 
 # Names of output projections that stay in high precision (their logits feed the loss directly).
 _SKIPPED = ("lm_head", "output")

@@ -1,0 +1,35 @@
+"""The parallel layout of a run: torchtitan's ``ParallelDims`` and its device meshes, built in one place.
+
+The trainer and the dry run (on torch's fake process group) both call ``build_parallel_dims``, so the
+meshes a plan is checked with are the ones training uses.
+"""
+
+from __future__ import annotations
+
+import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
+from flame.config.schema import JobConfig
+from flame.config.validate import resolve_dp_shard
+
+from torchtitan.distributed import utils as dist_utils
+from torchtitan.distributed.parallel_dims import ParallelDims
+
+
+def build_parallel_dims(config: JobConfig, world_size: int) -> ParallelDims:
+    """The degrees of ``config`` for ``world_size`` ranks (dp_shard -1 resolved), with the meshes built.
+
+    Needs the default process group (the real one, or the fake one of a dry run). "partial_dtensor":
+    torchtitan's SPMD backend for DTensor-based parallelisms (FSDP2, TP, CP)."""
+    t, e = config.training, config.experimental
+    dims = ParallelDims(
+        dp_replicate=t.data_parallel_replicate_degree,
+        dp_shard=resolve_dp_shard(config, world_size),
+        cp=e.context_parallel_degree,
+        tp=t.tensor_parallel_degree,
+        pp=e.pipeline_parallel_degree,
+        ep=1,
+        world_size=world_size,
+        spmd_backend="partial_dtensor",
+    )
+    dist_utils.set_spmd_backend("partial_dtensor")
+    dims.build_mesh()
+    return dims
