@@ -30,6 +30,7 @@ check: venv
 	$(VENV)/bin/ruff check flame tests scripts custom_models benchmarks
 	$(VENV)/bin/ruff format --check flame tests scripts custom_models benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # Wheels for the lent GPU machine, which reaches no registry (scripts/gpu/wheels.py; README "GPU check").
 gpu-wheels: venv
