@@ -49,13 +49,14 @@ WATCH = (
     "wandb", "matplotlib", "tensorboard", "torch.utils.tensorboard", "pandas", "scipy", "sklearn", "PIL",
     "torch._dynamo", "torch._inductor", "triton", "aiohttp", "torchao",
 )  # fmt: skip
-# Functions that Trainer._build calls, timed in the probe (module, attribute).
+# Functions that Trainer.__init__ and its builders call, timed in the probe (module, attribute).
 TIMED = [
-    ("flame.trainer", "init_distributed"), ("flame.trainer", "validate"), ("flame.trainer", "load_tokenizer"),
-    ("flame.trainer", "load_model_config"), ("flame.trainer", "build_meta_model"), ("flame.trainer", "flops_per_token"),
-    ("flame.trainer", "parallelize"), ("flame.trainer", "init_weights"), ("flame.data", "build_dataloader"),
-    ("flame.trainer", "Validator"), ("flame.trainer", "build_optimizers"), ("flame.trainer", "Checkpointer"),
-    ("flame.trainer", "FaultHandler"), ("flame.trainer", "MetricsLogger"), ("flame.trainer", "save_toml"),
+    ("flame.trainer", "init_distributed"), ("flame.trainer", "validate"), ("flame.builders", "load_tokenizer"),
+    ("flame.builders", "load_model_config"), ("flame.builders", "build_meta_model"),
+    ("flame.builders", "flops_per_token"), ("flame.builders", "parallelize"), ("flame.builders", "init_weights"),
+    ("flame.trainer", "build_dataloader"), ("flame.builders", "Validator"), ("flame.builders", "build_optimizers"),
+    ("flame.builders", "Checkpointer"), ("flame.builders", "FaultHandler"), ("flame.builders", "MetricsLogger"),
+    ("flame.builders", "save_toml"),
 ]  # fmt: skip
 PHASES = {
     "init_distributed": "process group (gloo) init",

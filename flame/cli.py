@@ -31,30 +31,20 @@ def main(argv: list[str] | None = None) -> int:
     from flame.components.fault import explain_runtime_error, install_signal_handlers
 
     install_signal_handlers()  # early: a SIGTERM/SIGUSR1 during start-up then stops after the first step
-    import torch
-
-    from flame.config.validate import validate
-    from flame.distributed.setup import world_size_from_env
-
+    trainer = None
     try:
-        validate(config, world_size_from_env(), "cuda" if torch.cuda.is_available() else "cpu")
         from flame.trainer import Trainer
 
-        trainer = Trainer(config)
+        trainer = Trainer(config)  # validates the config first, before any process group or work
+        trainer.train()
     except ConfigError as e:
         return fail(("invalid config:\n" if len(e.problems) > 1 else "") + e.format())
-    except RuntimeError as e:  # e.g. the process group timed out waiting for another rank
-        message = explain_runtime_error(e, config)
-        if message is None:
-            raise
-        return fail(message, 1)
-    try:
-        trainer.train()
-    except RuntimeError as e:  # divergence, a failed save, a collective timeout (see fault.py)
+    except RuntimeError as e:  # divergence, a failed save, a collective timeout (see fault.py), a lost rank
         message = explain_runtime_error(e, config)
         if message is None:
             raise
         return fail(message, 1)
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
     return 0

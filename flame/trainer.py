@@ -6,8 +6,6 @@ under torchrun it joins the launcher's group; the loop is the same code either w
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import functools
 import gc
@@ -15,178 +13,94 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import loss_parallel as tp_loss_parallel
 
-import flame.distributed.titan
-import flame.models.families  # noqa: F401  (registers the model families)
-from flame.components.checkpoint import Checkpointer, TrainState
-from flame.components.fault import FaultHandler
-from flame.components.metrics import MetricsLogger, device_name, memory_stats
-from flame.components.optimizer import build_lr_schedulers, build_optimizers
+import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
+from flame.builders import (
+    build_checkpointing,
+    build_loss,
+    build_metrics,
+    build_model,
+    build_optimizer,
+    build_tokenizer,
+    build_validator,
+    data_parallel_layout,
+    step_options,
+)
+from flame.components.loss import num_targets
+from flame.components.metrics import device_name, memory_stats
 from flame.components.profiling import MemorySnapshots, maybe_profile
-from flame.components.validation import Validator
-from flame.config.loader import save_toml, to_dict
 from flame.config.schema import JobConfig
 from flame.config.validate import validate
+from flame.data.loader import build_dataloader
 from flame.data.mixing import describe_sources
 from flame.distributed.parallel_dims import build_parallel_dims
-from flame.distributed.setup import device_for_rank, init_distributed, set_collective_timeout
-from flame.models.adapters import adapter_for
-from flame.models.build import build_meta_model, import_custom_models, init_weights, load_model_config, load_tokenizer
-from flame.models.flops import flops_per_token, peak_tflops
-from flame.parallel.context_parallel import ContextParallel
+from flame.distributed.setup import device_for_rank, init_distributed, launched_world_size, set_collective_timeout
+from flame.models.flops import peak_tflops
 from flame.parallel.float8 import precompute_scales
-from flame.parallel.parallelize import context_parallel_path, parallelize
-from flame.parallel.pipeline import Pipeline
 
 from torchtitan.distributed import utils as dist_utils
 
 logger = logging.getLogger("flame")
-
-IGNORE_INDEX = -100
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross entropy summed over the target tokens (``IGNORE_INDEX`` targets excluded), in float32."""
-    return torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
 
 
 class Trainer:
     """Builds the model, data, optimizer and components for ``config``, then trains with ``train()``."""
 
     def __init__(self, config: JobConfig) -> None:
-        self.config = config
+        """Validate ``config``, then build the run's parts (``flame.builders``) in order."""
+        self.config, t = config, config.training
+        self.device = device_for_rank()
+        # The run's one validation (the CLI leaves it to here): so that flame.train() from Python is checked
+        # as the command line is, and before the process group, so that a bad config stops every rank first.
+        validate(config, launched_world_size(), self.device.type)
         self.owns_process_group = init_distributed(config.comm.init_timeout_seconds, config.comm.trace_buf_size)
         try:
-            self._build(config)
+            self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+            self.parallel_dims = build_parallel_dims(config, self.world_size)
+            self.layout = data_parallel_layout(self.parallel_dims)
+            self.tokenizer = build_tokenizer(config)
+            self.built = build_model(config, self.tokenizer, self.parallel_dims, self.device)
+            self.model, self.model_parts, self.pipeline = self.built.parts[0], self.built.parts, self.built.pipeline
+            self.loss = build_loss(config, self.built, self.parallel_dims, self.device)
+            self.options = step_options(config)
+            self.dataloader = build_dataloader(
+                t, self.tokenizer, dp_rank=self.layout.dp_rank, dp_world_size=self.layout.dp_world_size
+            )
+            self.memory_snapshots = MemorySnapshots(config, self.rank)
+            self.validator = build_validator(config, self.tokenizer, self.layout, self.device, self.built.shard_batch)
+            self.optimizers, self.lr_schedulers = build_optimizer(self.model_parts, config)
+            self.state, self.checkpointer, self.fault = build_checkpointing(
+                config, self.model_parts, self.optimizers, self.lr_schedulers, self.dataloader, self.device
+            )
+            torch.manual_seed(t.seed + self.rank)  # dropout differs per rank; restored on resume
+            self.checkpointer.load()  # resume, or initial weights from step-0 or a Hugging Face folder
+            self.metrics = build_metrics(config, self.rank, resume_step=self.state.step)
         except BaseException:
             # A caller in a notebook keeps no half-built process group around after an error.
             if self.owns_process_group and dist.is_initialized():
                 dist.destroy_process_group()
             raise
-
-    def _build(self, config: JobConfig) -> None:
-        """Wire the components: validation, model (parallelised, initialised), data, optimizer, checkpoints."""
-        t = config.training
-        self.device = device_for_rank()
-        self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
-        validate(config, self.world_size, self.device.type)
-
-        import_custom_models(config.experimental.custom_model_path)
-        self.tokenizer = load_tokenizer(config.model.tokenizer_path)
-        model_config = load_model_config(config.model.config, self.tokenizer, config.model.norm_type)
-
-        self.parallel_dims = build_parallel_dims(config, self.world_size)
-        batch_mesh = self.parallel_dims.get_optional_mesh("batch")
-        self.dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
-        self.dp_world_size = batch_mesh.size() if batch_mesh is not None else 1
-        self.loss_mesh = self.parallel_dims.get_optional_mesh("loss")
-        # Ranks whose gradients FSDP/DDP average: dp_replicate x dp_shard x cp (the "loss" mesh).
-        self.num_gradient_ranks = self.loss_mesh.size() if self.loss_mesh is not None else 1
-        if t.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=False)
-
-        # Model: meta build -> parallelise -> materialise -> layout-independent init.
-        self.model = build_meta_model(model_config)
-        self.adapter = adapter_for(model_config.model_type).with_model(self.model)  # knows the attention kind
-        self.model_name = type(self.model).__name__
-        reference = copy.deepcopy(self.model)
-        self.num_params = sum(p.numel() for p in reference.parameters())
-        self.flops_per_token = flops_per_token(reference, model_config, t.seq_len)
         self.peak_tflops = peak_tflops(device_name(self.device), t.mixed_precision_param)
-        layer_names = set(self.adapter.layer_names(self.model))
-        self.pipeline = (
-            Pipeline(self.model, self.adapter, self.parallel_dims, config, self.device)
-            if self.parallel_dims.pp_enabled
-            else None
-        )
-        self.model_parts = self.pipeline.model_parts if self.pipeline else [self.model]
-        for part in self.model_parts:
-            parallelize(part, self.adapter, self.parallel_dims, config, self.device.type)
-            part.to_empty(device=self.device)
-            init_weights(part, reference, layer_names, t.seed, self.device)
-            part.train()
-        self.model = self.model_parts[0]
-        del reference
-        # Context parallelism: every batch is sharded over the cp axis before the forward.
-        self.context_parallel = None
-        if self.parallel_dims.cp_enabled:
-            path, _ = context_parallel_path(self.model, self.adapter, config, self.device.type)
-            self.context_parallel = ContextParallel(self.parallel_dims.get_mesh("cp"), path, self.device)
-        # Loss parallelism: the cross entropy runs on vocabulary-sharded logits (tensor parallel only).
-        loss_parallel = self.parallel_dims.tp_enabled and not t.disable_loss_parallel
-        self.loss_context = tp_loss_parallel if loss_parallel else contextlib.nullcontext
-        if self.pipeline is not None:
-            self.pipeline.build_schedule(token_loss_sum)
-        # Compiled autograd: the backward graph is traced and compiled by inductor as a whole.
-        self.backward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-        if config.experimental.enable_compiled_autograd:
-            from torch._dynamo.utils import maybe_enable_compiled_autograd
-
-            self.backward_context = functools.partial(maybe_enable_compiled_autograd, True)
-        f8 = config.float8
-        self.precompute_float8_scales = (
-            f8.enable_float8_linear and f8.enable_fsdp_float8_all_gather and f8.precompute_float8_dynamic_scale_for_fsdp
-        )
-        self.autocast_dtype = (
-            torch.bfloat16 if t.mixed_precision_param == "bfloat16" and not self.parallel_dims.dp_cp_enabled else None
-        )
-
-        from flame.data import build_dataloader
-
-        self.dataloader = build_dataloader(t, self.tokenizer, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size)
-        self.memory_snapshots = MemorySnapshots(config, self.rank)
-        self.validator = (
-            Validator(
-                config,
-                self.tokenizer,
-                dp_rank=self.dp_rank,
-                dp_world_size=self.dp_world_size,
-                loss_mesh=self.loss_mesh,
-                device=self.device,
-                shard_batch=self.shard_batch,
-            )
-            if config.validation.enable
-            else None
-        )
         self.last_validation: dict[str, Any] | None = None
         self.summary: dict[str, Any] = {}  # the end-of-run summary, once training finished
-        self.optimizers = build_optimizers(self.model_parts, config)
-        self.lr_schedulers = build_lr_schedulers(self.optimizers, config)
-        self.state = TrainState()
-        self.checkpointer = Checkpointer(
-            config,
-            model=self.model_parts,
-            optimizers=self.optimizers,
-            lr_schedulers=self.lr_schedulers,
-            dataloader=self.dataloader,
-            train_state=self.state,
-            device=self.device,
-        )
-        # Preemption signals, the divergence stop and save errors (flame/components/fault.py).
-        self.fault = FaultHandler(config, self.checkpointer, rank=self.rank, world_size=self.world_size)
-        torch.manual_seed(t.seed + self.rank)  # dropout differs per rank; restored on resume
-        self.checkpointer.load()  # resume, or initial weights from step-0 or a Hugging Face folder
-        if self.rank == 0:
-            os.makedirs(config.job.dump_folder, exist_ok=True)
-            save_toml(config, os.path.join(config.job.dump_folder, "config.toml"))
-        self.metrics = MetricsLogger(config, rank=self.rank, resume_step=self.state.step, run_config=to_dict(config))
+        self._log_start()
+
+    def _log_start(self) -> None:
+        dims = self.parallel_dims
         logger.info(
             "model %s: %.2fM parameters; world %d (dp_replicate %d, dp_shard %d)%s on %s; %s",
-            self.model_name,
-            self.num_params / 1e6,
+            self.built.name,
+            self.built.num_params / 1e6,
             self.world_size,
-            self.parallel_dims.dp_replicate,
-            self.parallel_dims.dp_shard,
-            f" x cp {self.parallel_dims.cp}" if self.parallel_dims.cp_enabled else "",
+            dims.dp_replicate,
+            dims.dp_shard,
+            f" x cp {dims.cp}" if dims.cp_enabled else "",
             self.device,
             self.checkpointer.loaded_from,
         )
@@ -197,40 +111,28 @@ class Trainer:
         """Sum of token losses of one micro-batch; backward of its share of the global mean."""
         # Gradient reduction averages over the data- and context-parallel ranks; scale so the result is
         # the mean over every target token of the global batch (not a mean of per-micro-batch means).
-        scale = self.num_gradient_ranks / num_global_tokens
-        if self.pipeline is not None:
-            with self.loss_context():  # the last stage's loss and its backward run inside the schedule
+        scale = self.layout.num_gradient_ranks / num_global_tokens
+        with self.loss.context():
+            if self.pipeline is not None:  # the last stage's loss and its backward run inside the schedule
                 return self.pipeline.forward_backward(batch, scale)
-        with self.loss_context():
-            loss_sum = self._loss_sum(batch)
-            with self.backward_context():
+            loss_sum = self.loss(batch)
+            with self.options.backward_context():
                 (loss_sum * scale).backward()
         loss_sum = loss_sum.detach()
         return loss_sum.full_tensor() if isinstance(loss_sum, DTensor) else loss_sum
 
     def shard_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's part of a loader batch: its context-parallel shard, or the whole batch without CP."""
-        return self.context_parallel.shard(batch) if self.context_parallel is not None else batch
-
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        cp = self.context_parallel
-        inputs = (
-            cp.model_inputs(batch, self.device) if cp is not None else self.adapter.model_inputs(batch, self.device)
-        )
-        labels = batch["labels"].to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            logits = self.model(**inputs).logits
-        return token_loss_sum(logits, labels)
+        return self.built.shard_batch(batch)
 
     @torch.no_grad()
     def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The summed token loss of one batch without gradients, under any layout (for validation);
         under context parallelism ``batch`` is this rank's shard (``shard_batch``)."""
-        if self.pipeline is not None:
-            with self.loss_context():
+        with self.loss.context():
+            if self.pipeline is not None:
                 return self.pipeline.loss_sum(batch)
-        with self.loss_context():
-            loss_sum = self._loss_sum(batch)
+            loss_sum = self.loss.eval_loss_sum(batch)
         return loss_sum.full_tensor() if isinstance(loss_sum, DTensor) else loss_sum
 
     @functools.cached_property
@@ -242,10 +144,10 @@ class Trainer:
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         t = self.config.training
         batches = [self.shard_batch(b) for b in batches]
-        local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+        local_tokens = sum(int(num_targets(b["labels"])) for b in batches)
         num_tokens = torch.tensor(float(local_tokens), device=self.device)
-        if self.loss_mesh is not None:
-            dist.all_reduce(num_tokens, group=self.loss_mesh.get_group())
+        if self.layout.loss_mesh is not None:
+            dist.all_reduce(num_tokens, group=self.layout.loss_mesh.get_group())
         loss_sum = sum(self.forward_backward(b, num_tokens) for b in batches)
         grad_norm = dist_utils.clip_grad_norm_(
             [p for p in self.model_parameters if p.grad is not None],
@@ -259,7 +161,7 @@ class Trainer:
             logger.warning("step %d: gradient norm is %s; step skipped", self.state.step, grad_norm.item())
         else:
             self.optimizers.step()
-            if self.precompute_float8_scales:
+            if self.options.precompute_float8_scales:
                 precompute_scales(self.model_parts)
         self.lr_schedulers.step()
         self.optimizers.zero_grad()
@@ -322,7 +224,7 @@ class Trainer:
             self.state.elapsed_seconds = time.perf_counter() - run_start
             if is_last or stop or self.checkpointer.should_save(step):
                 self._flush_tokens(window)
-                self.fault.save(step, last_step=is_last)  # checkpointer.save with a clear error on a full disk
+                self.checkpointer.save(step, last_step=is_last)  # a clear error on a full disk
             if stop:
                 self.fault.stop(step)  # preempted: leaves the marker for the launcher; diverged: raises
                 break
@@ -352,15 +254,16 @@ class Trainer:
         with ``log_freq`` 1) and its maximum over ranks, the last step's gradient norm and lr,
         throughput, FLOPs, memory and time."""
         loss, rank_loss = window["loss"].clone(), window["rank_loss"].clone()
-        if self.loss_mesh is not None:
-            dist.all_reduce(loss, group=self.loss_mesh.get_group())
-            dist.all_reduce(rank_loss, op=dist.ReduceOp.MAX, group=self.loss_mesh.get_group())
+        loss_mesh = self.layout.loss_mesh
+        if loss_mesh is not None:
+            dist.all_reduce(loss, group=loss_mesh.get_group())
+            dist.all_reduce(rank_loss, op=dist.ReduceOp.MAX, group=loss_mesh.get_group())
         self._flush_tokens(window)
         num_steps = step - window["step"]
         now = time.perf_counter()
         seconds = max(now - window["start"], 1e-9)
         tokens_per_second = window["tokens"] / seconds
-        tflops = tokens_per_second * self.flops_per_token / 1e12
+        tflops = tokens_per_second * self.built.flops_per_token / 1e12
         record = {
             "step": step,
             "loss": loss.item() / num_steps,
@@ -379,7 +282,7 @@ class Trainer:
             **extra,
         }
         # Mixing: each source's realized documents/tokens/shares, summed over the data-parallel ranks.
-        batch_mesh = self.parallel_dims.get_optional_mesh("batch")
+        batch_mesh = self.layout.batch_mesh
         group = batch_mesh.get_group() if batch_mesh is not None else None
         record.update(self.dataloader.source_metrics(group, self.device))
         self.metrics.log(record)

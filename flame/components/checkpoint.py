@@ -19,6 +19,10 @@ torchtitan's manager writes and reads the folders; flame decides around it, thin
   (one too many kept), lags one checkpoint in async mode, and counts interrupted folders. Here only
   complete checkpoints count, the final one included, and an in-flight async save is never touched.
 * **Hugging Face start.** Without any checkpoint, ``initial_load_hf`` gives the initial weights.
+* **Save errors.** A save that fails with an ``OSError`` (a full disk, a quota, a read-only folder)
+  removes its incomplete step folder, so the newest complete checkpoint stays the one a restart
+  resumes from, and raises ``CheckpointSaveError`` with one clear message instead of DCP's multi-rank
+  traceback dump.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
+from flame.components.errors import RunError
 from flame.config.errors import ConfigError
 from flame.config.schema import JobConfig
 from flame.utils._checkpoint_io import available_steps, incomplete_steps, is_model_only, match_keys, tensor_metadata
@@ -42,6 +47,30 @@ from flame.utils._checkpoint_io import available_steps, incomplete_steps, is_mod
 from torchtitan.components.checkpointer import CheckpointManager
 
 logger = logging.getLogger("flame")
+
+
+class CheckpointSaveError(RunError):
+    """A checkpoint could not be written (full disk, quota, permissions)."""
+
+
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, a cause or context, or one rank's failure in DCP's CheckpointException."""
+    seen: set[int] = set()
+    pending: list[Any] = [exc]
+    while pending:
+        item = pending.pop(0)
+        if isinstance(item, tuple):  # DCP keeps (exception, stack summary) per failed rank
+            item = item[0]
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, OSError):
+            return item
+        failures = getattr(item, "failures", None)
+        if isinstance(failures, dict):
+            pending.extend(failures.values())
+        pending.extend([item.__cause__, item.__context__])
+    return None
 
 
 @dataclass
@@ -237,9 +266,39 @@ class Checkpointer:
         """Save now (call when ``should_save`` said so, or at the last step), then apply ``keep_latest_k``.
 
         In async mode the previous save is finished first; the last step is always saved synchronously.
+        An OSError (full disk ...) becomes a ``CheckpointSaveError``: the incomplete step folder is removed
+        (rank 0, after DCP reported the failure on every rank, so no rank still writes there), which frees
+        the space and leaves the newest complete checkpoint as the one to resume from.
         """
         if not self.enabled:
             return
+        try:
+            self._save(step, last_step)
+        except BaseException as e:  # DCP's CheckpointException derives from BaseException
+            error = os_error_in(e)
+            if error is None or isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise self._save_error(step, error) from None
+
+    def _save_error(self, step: int, error: OSError) -> CheckpointSaveError:
+        path = os.path.join(self.folder, f"step-{step}")
+        if dist.get_rank() == 0 and not os.path.isfile(os.path.join(path, ".metadata")):
+            shutil.rmtree(path, ignore_errors=True)
+        complete = available_steps(self.folder)
+        keep = (
+            f"the newest complete checkpoint, step-{complete[-1]} in {self.folder}, is intact: fix the cause "
+            "and run the same command again to resume from it"
+            if complete
+            else "no complete checkpoint exists yet, so a new run starts from scratch"
+        )
+        reason = error.strerror or str(error)
+        code = f" (errno {error.errno})" if error.errno else ""
+        return CheckpointSaveError(
+            f"checkpoint step-{step} could not be written to {path}: {reason}{code}. "
+            f"The incomplete folder was removed; {keep}"
+        )
+
+    def _save(self, step: int, last_step: bool) -> None:
         self.manager.maybe_wait_for_saving()
         if dist.get_rank() == 0:
             self._remove_from(step)

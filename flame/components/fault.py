@@ -1,4 +1,4 @@
-"""Fault tolerance inside the training loop: preemption signals, the divergence stop, safe checkpoint saves.
+"""Fault tolerance inside the training loop: preemption signals and the divergence stop.
 
 **Preemption.** SIGTERM (Slurm's kill or preemption, torchrun's shutdown) and SIGUSR1 (Slurm's
 ``--signal``) only set a flag. After every step all ranks all-reduce their flags (MAX, one small
@@ -14,13 +14,9 @@ which resumes from that checkpoint.
 such steps in a row the run saves a checkpoint of that last good state and stops with
 ``TrainingDiverged`` instead of burning compute on a model that no longer learns.
 
-**Saves.** A checkpoint save that fails with an ``OSError`` (a full disk, a quota, a read-only
-folder) removes its incomplete step folder, so the newest complete checkpoint stays the one a
-restart resumes from, and raises ``CheckpointSaveError`` with one clear message instead of DCP's
-multi-rank traceback dump.
-
-``flame.cli`` (the ``python -m flame.train`` command) turns the ``RunError`` subclasses into one
-``flame: error:`` line and exit code 1.
+A save that fails is the checkpointer's to explain (``CheckpointSaveError``,
+``flame/components/checkpoint.py``). ``flame.cli`` (the ``python -m flame.train`` command) turns the
+``RunError`` subclasses (``flame/components/errors.py``) into one ``flame: error:`` line and exit code 1.
 """
 
 from __future__ import annotations
@@ -29,7 +25,6 @@ import datetime
 import json
 import logging
 import os
-import shutil
 import signal
 import threading
 from typing import Any
@@ -37,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from flame.utils._checkpoint_io import available_steps
+from flame.components.errors import RunError
 
 logger = logging.getLogger("flame")
 
@@ -50,16 +45,8 @@ _received: int | None = None
 _previous: dict[int, Any] = {}
 
 
-class RunError(RuntimeError):
-    """A failure during training that one message explains fully (no traceback is printed)."""
-
-
 class TrainingDiverged(RunError):
     """Too many consecutive steps with a non-finite gradient norm."""
-
-
-class CheckpointSaveError(RunError):
-    """A checkpoint could not be written (full disk, quota, permissions)."""
 
 
 def _on_signal(signum: int, frame: Any) -> None:
@@ -101,33 +88,12 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def os_error_in(exc: BaseException) -> OSError | None:
-    """The OSError behind ``exc``: itself, a cause or context, or one rank's failure in DCP's CheckpointException."""
-    seen: set[int] = set()
-    pending: list[Any] = [exc]
-    while pending:
-        item = pending.pop(0)
-        if isinstance(item, tuple):  # DCP keeps (exception, stack summary) per failed rank
-            item = item[0]
-        if not isinstance(item, BaseException) or id(item) in seen:
-            continue
-        seen.add(id(item))
-        if isinstance(item, OSError):
-            return item
-        failures = getattr(item, "failures", None)
-        if isinstance(failures, dict):
-            pending.extend(failures.values())
-        pending.extend([item.__cause__, item.__context__])
-    return None
-
-
 class FaultHandler:
-    """The loop's fault-tolerance hooks: ``after_step`` decides (for all ranks) whether to stop,
-    ``save`` writes checkpoints with a clear error on failure, ``stop`` ends a stopped run."""
+    """The loop's fault-tolerance hooks: ``after_step`` decides (for all ranks) whether to stop, ``stop``
+    ends a stopped run (after the trainer saved its checkpoint)."""
 
-    def __init__(self, config, checkpointer, *, rank: int, world_size: int) -> None:
+    def __init__(self, config, *, rank: int, world_size: int) -> None:
         t, ck = config.training, config.checkpoint
-        self.checkpointer = checkpointer
         self.rank = rank
         self.dump_folder = config.job.dump_folder
         self.folder = os.path.join(config.job.dump_folder, ck.folder)
@@ -172,36 +138,6 @@ class FaultHandler:
             here = "received here" if received_signal() else "received by another rank"
             logger.warning("%s (%s): stopping after step %d", _signal_name(self.stop_signal), here, step)
         return self.reason is not None
-
-    def save(self, step: int, last_step: bool = False) -> None:
-        """The checkpointer's save; an OSError (full disk ...) becomes a CheckpointSaveError.
-
-        The incomplete step folder is removed (rank 0, after DCP reported the failure on every rank,
-        so no rank still writes there): it frees the space and leaves the newest complete checkpoint
-        as the one to resume from.
-        """
-        try:
-            self.checkpointer.save(step, last_step=last_step)
-        except BaseException as e:  # DCP's CheckpointException derives from BaseException
-            error = os_error_in(e)
-            if error is None or isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
-            path = os.path.join(self.folder, f"step-{step}")
-            if self.rank == 0 and not os.path.isfile(os.path.join(path, ".metadata")):
-                shutil.rmtree(path, ignore_errors=True)
-            complete = available_steps(self.folder)
-            keep = (
-                f"the newest complete checkpoint, step-{complete[-1]} in {self.folder}, is intact: fix the cause "
-                "and run the same command again to resume from it"
-                if complete
-                else "no complete checkpoint exists yet, so a new run starts from scratch"
-            )
-            reason = error.strerror or str(error)
-            code = f" (errno {error.errno})" if error.errno else ""
-            raise CheckpointSaveError(
-                f"checkpoint step-{step} could not be written to {path}: {reason}{code}. "
-                f"The incomplete folder was removed; {keep}"
-            ) from None
 
     def stop(self, step: int) -> None:
         """End a run that ``after_step`` stopped: raise for divergence, leave the marker after a signal."""

@@ -14,9 +14,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from flame.components.loss import num_targets
 from flame.config.schema import JobConfig
-
-IGNORE_INDEX = -100
 
 
 class Validator:
@@ -76,7 +75,7 @@ class Validator:
                 totals[2] += bytes_of(raw) / share
             batch = self.shard_batch(raw)
             totals[0] += loss_sum(batch).double()
-            totals[1] += (batch["labels"] != IGNORE_INDEX).sum().item()
+            totals[1] += num_targets(batch["labels"]).item()
         if self.loss_mesh is not None:
             dist.all_reduce(totals, group=self.loss_mesh.get_group())
         for part, mode in zip(model_parts, modes, strict=True):

@@ -89,3 +89,9 @@ def set_collective_timeout(timeout_seconds: int) -> None:
 def world_size_from_env() -> int:
     """The world size a launcher announced (1 when run as a plain process)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_world_size() -> int:
+    """The world size of this run before its process group exists: an existing group's (a caller that set
+    one up), else the launcher's announcement (1 for a plain process, as ``init_distributed`` then makes)."""
+    return dist.get_world_size() if dist.is_initialized() else world_size_from_env()

@@ -13,13 +13,9 @@ import pytest
 import torch
 
 import flame
-from flame.components.fault import (
-    RunError,
-    TrainingDiverged,
-    explain_runtime_error,
-    os_error_in,
-    received_signal,
-)
+from flame.components.checkpoint import os_error_in
+from flame.components.errors import RunError
+from flame.components.fault import TrainingDiverged, explain_runtime_error, received_signal
 from flame.config.loader import parse_args
 from tests.helpers import ROOT, env, read_metrics, train
 from tests.launch.conftest import STEPS

@@ -10,6 +10,7 @@ short convolution's context-parallel halo.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 from collections.abc import Callable
@@ -97,6 +98,18 @@ def install_common() -> None:
         modules.ShortConvolution.forward = conv_with_halo(modules.ShortConvolution.forward)
 
 
+# Every fla family: registered by `import fla`, CUDA-only kernels, packed documents as cu_seqlens, no CP.
+FLA_ADAPTER = ModelAdapter(
+    family="fla",
+    registered_by="fla",
+    device_types=("cuda",),
+    varlen="fla",
+    tp_dims=fla_tp_dims,
+    no_context_parallel="fla 0.6.0's model layers take no CP context",
+    softmax_attention_layers=softmax_attention_layers,
+)
+
+
 def cpu_path_adapter(
     model_type: str, plan: dict[str, str], attention_classes: tuple[str, ...], install: Callable[[], None]
 ) -> ModelAdapter:
@@ -108,32 +121,19 @@ def cpu_path_adapter(
         install_common()
         install()
 
-    return ModelAdapter(
+    return dataclasses.replace(
+        FLA_ADAPTER,
         family=model_type,
-        registered_by="fla",
         on_import=on_import,
         device_types=("cpu", "cuda"),
-        varlen="fla",
         tp_plan=plan,
-        tp_dims=fla_tp_dims,
         tp_local_kernels=True,
         prepare_layer=unfuse_qkv_conv,
         context_parallel=True,
         state_passing_modules=attention_classes,
-        softmax_attention_layers=softmax_attention_layers,
+        no_context_parallel="",
     )
 
 
 for _model_type in FLA_MODEL_TYPES:
-    register_adapter(
-        _model_type,
-        ModelAdapter(
-            family=_model_type,
-            registered_by="fla",
-            device_types=("cuda",),
-            varlen="fla",
-            tp_dims=fla_tp_dims,
-            no_context_parallel="fla 0.6.0's model layers take no CP context",
-            softmax_attention_layers=softmax_attention_layers,
-        ),
-    )
+    register_adapter(_model_type, dataclasses.replace(FLA_ADAPTER, family=_model_type))

@@ -1,0 +1,87 @@
+"""The training loss of one micro-batch: forward under the run's layout, then the summed token loss.
+
+flame's loss is the mean over every target token of the global batch, so each micro-batch contributes
+a *sum* over its target tokens (``IGNORE_INDEX`` labels excluded) and the trainer divides by the global
+target count. ``MicroBatchLoss`` is the one place that computes it from a batch: it turns the batch
+into model inputs (the family's varlen route, or the context-parallel shard), runs the forward (under
+autocast on one process) and calls ``loss_sum(logits, labels, batch)``.
+
+``loss_sum`` is the hook for losses computed from the same logits and batch: a distiller subclasses
+``MicroBatchLoss`` and returns the student's token loss plus its KD term (summed over the same target
+tokens, so the trainer's scaling applies unchanged). Validation uses ``token_loss_sum`` alone
+(``eval_loss_sum``), whatever the training loss adds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from flame.data.varlen import IGNORE_INDEX
+from flame.models.adapters import ModelAdapter
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy summed over the target tokens (``IGNORE_INDEX`` targets excluded), in float32."""
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def num_targets(labels: torch.Tensor) -> torch.Tensor:
+    """How many positions of ``labels`` have a target (a tensor on the labels' device)."""
+    return (labels != IGNORE_INDEX).sum()
+
+
+class MicroBatchLoss:
+    """Forward and summed token loss of one (sharded) micro-batch; see the module docstring.
+
+    ``model_inputs(batch, device)``: the forward's keyword arguments (the adapter's, or the
+    context-parallel shard's). ``autocast_dtype``: autocast's dtype on one process (None: off).
+    ``context``: the loss-parallel context the forward, the loss and its backward run in (tensor
+    parallelism: the cross entropy on vocabulary shards)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        model_inputs: Callable[[dict[str, torch.Tensor], torch.device], dict[str, Any]],
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+        context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> None:
+        self.model, self.model_inputs, self.device = model, model_inputs, device
+        self.autocast_dtype, self.context = autocast_dtype, context
+
+    @classmethod
+    def for_adapter(
+        cls, model: nn.Module, adapter: ModelAdapter, device: torch.device, **kwargs: Any
+    ) -> MicroBatchLoss:
+        """The loss of a model without context parallelism: inputs through the family adapter."""
+        return cls(model, adapter.model_inputs, device, **kwargs)
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's logits for ``batch`` (all but its labels are inputs)."""
+        inputs = self.model_inputs(batch, self.device)
+        dtype = self.autocast_dtype
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            return self.model(**inputs).logits
+
+    def labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["labels"].to(self.device, non_blocking=True)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss sum of ``batch`` (call inside ``context``; the trainer scales and backpropagates)."""
+        return self.loss_sum(self.logits(batch), self.labels(batch), batch)
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of one micro-batch from its logits, summed over its target tokens. The hook a
+        distiller overrides to add a KD term computed from the same ``logits`` and ``batch``."""
+        return token_loss_sum(logits, labels)
+
+    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The summed token loss of ``batch`` alone (validation), without what ``loss_sum`` adds."""
+        return token_loss_sum(self.logits(batch), self.labels(batch))
