@@ -145,7 +145,7 @@ def run_lm_eval(trainer, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flame.cli import fail, setup_logging
+    from flame.utils.console import fail, setup_logging
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -155,19 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         kind, path = model_source(args.model_path)
         config = prepare(parse_args(rest), kind, path)
-        import torch
-
-        from flame.config.validate import validate
-        from flame.distributed.setup import world_size_from_env
-
-        validate(config, world_size_from_env(), "cuda" if torch.cuda.is_available() else "cpu")
     except ConfigError as e:
         return fail(e.format())
     setup_logging()
     from flame.trainer import Trainer
 
     try:
-        trainer = Trainer(config)
+        trainer = Trainer(config)  # validates the config first, before any process group or work
     except ConfigError as e:
         return fail(e.format())
     try:

@@ -19,13 +19,18 @@ from importlinter import Contract, ContractCheck, fields, output
 
 
 def module_cycles(
-    graph: grimp.ImportGraph, package: str, by_name: dict[str, set[str]] | None = None
+    graph: grimp.ImportGraph, package: str, by_name: dict[str, set[str]] | None = None, skip: list[str] | None = None
 ) -> list[list[str]]:
     """The strongly connected groups (more than one module) of the import graph below ``package``, plus the
-    ``by_name`` imports (importer -> imported modules), each as one cycle through the group's modules (or
+    ``by_name`` imports (importer -> imported modules), without the packages in ``skip``, each as one cycle through the group's modules (or
     the group itself where a by-name import closes it), found by Tarjan's algorithm."""
     by_name = by_name or {}
-    modules = sorted(m for m in graph.modules if m == package or m.startswith(package + "."))
+    skip = skip or []
+    modules = sorted(
+        m
+        for m in graph.modules
+        if (m == package or m.startswith(package + ".")) and not any(m == s or m.startswith(s + ".") for s in skip)
+    )
     inside = set(modules)
     index: dict[str, int] = {}
     low: dict[str, int] = {}
@@ -96,6 +101,8 @@ class AcyclicModulesContract(Contract):
     type_name = "acyclic_modules"
     containers = fields.ListField(subfield=fields.StringField(), required=False)
     by_name = fields.ListField(subfield=fields.StringField(), required=False)
+    # Packages left out of the check (say why next to the option); their modules are not in the graph.
+    skip = fields.ListField(subfield=fields.StringField(), required=False)
 
     def _by_name(self, graph: grimp.ImportGraph) -> dict[str, set[str]]:
         edges: dict[str, set[str]] = {}
@@ -108,7 +115,8 @@ class AcyclicModulesContract(Contract):
     def check(self, graph: grimp.ImportGraph, verbose: bool) -> ContractCheck:
         containers = list(self.containers or self.session_options["root_packages"])  # type: ignore[call-overload]
         by_name = self._by_name(graph)
-        cycles = [cycle for package in containers for cycle in module_cycles(graph, package, by_name)]
+        skipped = [str(package) for package in self.skip or []]  # type: ignore[attr-defined]
+        cycles = [cycle for package in containers for cycle in module_cycles(graph, package, by_name, skipped)]
         return ContractCheck(kept=not cycles, metadata={"cycles": cycles})
 
     def render_broken_contract(self, check: ContractCheck) -> None:

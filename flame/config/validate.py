@@ -11,6 +11,7 @@ from typing import Any
 
 from flame.config.errors import ConfigError
 from flame.config.schema import JobConfig, Training
+from flame.distributed.parallel_dims import resolve_dp_shard
 
 # Features whose flags exist (the upstream CLI contract) but which this version of flame does not
 # run yet: setting them is an error, never silently ignored. Maps flag -> (default, what it is).
@@ -41,20 +42,6 @@ DEPENDENT: list[tuple[str, object, str, str]] = [
 def _get(config: JobConfig, dotted: str) -> object:
     section, key = dotted.split(".")
     return getattr(getattr(config, section), key)
-
-
-def resolve_dp_shard(config: JobConfig, world_size: int) -> int:
-    """The data-parallel shard degree, with -1 resolved to the ranks left over by the other axes."""
-    t, e = config.training, config.experimental
-    others = (
-        t.data_parallel_replicate_degree
-        * t.tensor_parallel_degree
-        * e.pipeline_parallel_degree
-        * e.context_parallel_degree
-    )
-    if t.data_parallel_shard_degree == -1:
-        return max(world_size // max(others, 1), 1)
-    return t.data_parallel_shard_degree
 
 
 def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> None:

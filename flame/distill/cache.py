@@ -66,7 +66,7 @@ def data_settings(config: Any, world_size: int) -> dict[str, Any]:
     """What decides the rows: the data fields of ``[training]`` and the data-parallel world size."""
     import dataclasses
 
-    from flame.config.validate import resolve_dp_shard
+    from flame.distributed.parallel_dims import resolve_dp_shard
 
     fields = {f.name: getattr(config.training, f.name) for f in dataclasses.fields(config.training)}
     settings = {f"training.{k}": v for k, v in fields.items() if k not in _NOT_DATA}
@@ -162,7 +162,7 @@ def write_cache(config: Any, world_size: int) -> dict[str, Any]:
     from flame.distill.teacher import Teacher
     from flame.distill.vocab import VocabView
     from flame.distributed.setup import device_for_rank, init_distributed
-    from flame.trainer import load_tokenizer
+    from flame.models.build import load_tokenizer
 
     from torchtitan.distributed.parallel_dims import ParallelDims
 
@@ -258,9 +258,9 @@ def _split_world_size(argv: list[str]) -> tuple[list[str], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flame.cli import fail, setup_logging
     from flame.config.loader import parse_args
     from flame.config.validate import validate
+    from flame.utils.console import fail, setup_logging
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:

@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
+from flame.data.varlen import IGNORE_INDEX
 from flame.distill.vocab import VocabView, view_of
 
-IGNORE_INDEX = -100
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 
 

@@ -143,7 +143,7 @@ class Teacher:
     def __init__(self, source: TeacherSource, tokenizer: Any, config: Any, parallel_dims: Any, device: torch.device):
         from flame.models.adapters import adapter_for
         from flame.models.build import build_meta_model, init_weights
-        from flame.models.parallelize import parallelize
+        from flame.parallel.parallelize import parallelize
 
         self.source = source
         self.identity = identity(source)
@@ -172,10 +172,10 @@ class Teacher:
         self.num_params = sum(p.numel() for p in model.parameters())
         self.context_parallel = None
         if parallel_dims.cp_enabled:
-            from flame.models.context_parallel import ContextParallel
-            from flame.models.parallelize import context_parallel_path
+            from flame.parallel.context_parallel import ContextParallel
+            from flame.parallel.parallelize import context_parallel_path
 
-            path, _ = context_parallel_path(model, config, device.type)
+            path, _ = context_parallel_path(model, self.adapter, config, device.type)
             self.context_parallel = ContextParallel(parallel_dims.get_mesh("cp"), path, device)
         logger.info(
             "teacher %s: %s, %.2fM parameters, %s, fingerprint %s",

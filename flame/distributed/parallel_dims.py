@@ -1,17 +1,32 @@
 """The parallel layout of a run: torchtitan's ``ParallelDims`` and its device meshes, built in one place.
 
 The trainer and the dry run (on torch's fake process group) both call ``build_parallel_dims``, so the
-meshes a plan is checked with are the ones training uses.
+meshes a plan is checked with are the ones training uses. torchtitan is imported on the first build, so
+validation can resolve the degrees (``resolve_dp_shard``) without it.
 """
 
 from __future__ import annotations
 
-import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
-from flame.config.schema import JobConfig
-from flame.config.validate import resolve_dp_shard
+from typing import TYPE_CHECKING
 
-from torchtitan.distributed import utils as dist_utils
-from torchtitan.distributed.parallel_dims import ParallelDims
+from flame.config.schema import JobConfig
+
+if TYPE_CHECKING:
+    from torchtitan.distributed.parallel_dims import ParallelDims
+
+
+def resolve_dp_shard(config: JobConfig, world_size: int) -> int:
+    """The data-parallel shard degree, with -1 resolved to the ranks left over by the other axes."""
+    t, e = config.training, config.experimental
+    others = (
+        t.data_parallel_replicate_degree
+        * t.tensor_parallel_degree
+        * e.pipeline_parallel_degree
+        * e.context_parallel_degree
+    )
+    if t.data_parallel_shard_degree == -1:
+        return max(world_size // max(others, 1), 1)
+    return t.data_parallel_shard_degree
 
 
 def build_parallel_dims(config: JobConfig, world_size: int) -> ParallelDims:
@@ -19,6 +34,11 @@ def build_parallel_dims(config: JobConfig, world_size: int) -> ParallelDims:
 
     Needs the default process group (the real one, or the fake one of a dry run). "partial_dtensor":
     torchtitan's SPMD backend for DTensor-based parallelisms (FSDP2, TP, CP)."""
+    import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
+
+    from torchtitan.distributed import utils as dist_utils
+    from torchtitan.distributed.parallel_dims import ParallelDims
+
     t, e = config.training, config.experimental
     dims = ParallelDims(
         dp_replicate=t.data_parallel_replicate_degree,

@@ -55,7 +55,7 @@ def main() -> None:
     with torch.no_grad():
         want = reference(input_ids=ids).logits[..., : len(tokenizer)]
     if teacher.context_parallel is not None:
-        from flame.models.context_parallel import shard_indices
+        from flame.parallel.context_parallel import shard_indices
 
         want = want[:, shard_indices(16, world, dist.get_rank())]
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in teacher.model.parameters())
