@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import flame.models.families  # noqa: F401  (registers the model families: the teacher's is looked up)
 from flame.config.errors import ConfigError
 from flame.distill.source import TeacherSource, config_vocab_size, identity
 from flame.utils._checkpoint_io import match_keys, single_process_dcp, tensor_metadata
