@@ -11,15 +11,14 @@ ending in ``.*`` for all its children) and count too.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
-
-import grimp
-from importlinter import Contract, ContractCheck, fields, output
+from typing import Any
 
 
 def module_cycles(
-    graph: grimp.ImportGraph, package: str, by_name: dict[str, set[str]] | None = None, skip: list[str] | None = None
+    graph: Any, package: str, by_name: dict[str, set[str]] | None = None, skip: list[str] | None = None
 ) -> list[list[str]]:
     """The strongly connected groups (more than one module) of the import graph below ``package``, plus the
     ``by_name`` imports (importer -> imported modules), without the packages in ``skip``, each as one cycle through the group's modules (or
@@ -94,32 +93,46 @@ def _cycle_through(group: list[str], imports: Callable[[str], set[str]]) -> list
     return group
 
 
-class AcyclicModulesContract(Contract):
-    """``type = acyclic_modules``: no module of ``containers`` (default: the root packages) imports itself
-    through other modules."""
+def __getattr__(name: str) -> Any:
+    # import-linter is a dev tool: imported when lint-imports asks for the class (PEP 562), so that the
+    # code that travels to the GPU machine (scripts/gpu/wheels.py) imports no more at module level.
+    if name == "AcyclicModulesContract":
+        return _contract_class()
+    raise AttributeError(name)
 
-    type_name = "acyclic_modules"
-    containers = fields.ListField(subfield=fields.StringField(), required=False)
-    by_name = fields.ListField(subfield=fields.StringField(), required=False)
-    # Packages left out of the check (say why next to the option); their modules are not in the graph.
-    skip = fields.ListField(subfield=fields.StringField(), required=False)
 
-    def _by_name(self, graph: grimp.ImportGraph) -> dict[str, set[str]]:
-        edges: dict[str, set[str]] = {}
-        for line in self.by_name or []:  # type: ignore[attr-defined]
-            importer, imported = (part.strip() for part in line.split("->"))
-            targets = graph.find_children(imported[:-2]) if imported.endswith(".*") else {imported}
-            edges.setdefault(importer, set()).update(targets)
-        return edges
+@functools.cache
+def _contract_class() -> type:
+    from importlinter import Contract, ContractCheck, fields, output
 
-    def check(self, graph: grimp.ImportGraph, verbose: bool) -> ContractCheck:
-        containers = list(self.containers or self.session_options["root_packages"])  # type: ignore[call-overload]
-        by_name = self._by_name(graph)
-        skipped = [str(package) for package in self.skip or []]  # type: ignore[attr-defined]
-        cycles = [cycle for package in containers for cycle in module_cycles(graph, package, by_name, skipped)]
-        return ContractCheck(kept=not cycles, metadata={"cycles": cycles})
+    class AcyclicModulesContract(Contract):
+        """``type = acyclic_modules``: no module of ``containers`` (default: the root packages) imports itself
+        through other modules."""
 
-    def render_broken_contract(self, check: ContractCheck) -> None:
-        for cycle in check.metadata["cycles"]:
-            output.print_error(" -> ".join(cycle), bold=False)
-            output.new_line()
+        type_name = "acyclic_modules"
+        containers = fields.ListField(subfield=fields.StringField(), required=False)
+        by_name = fields.ListField(subfield=fields.StringField(), required=False)
+        # Packages left out of the check (say why next to the option); their modules are not in the graph.
+        skip = fields.ListField(subfield=fields.StringField(), required=False)
+
+        def _by_name(self, graph: Any) -> dict[str, set[str]]:
+            edges: dict[str, set[str]] = {}
+            for line in self.by_name or []:  # type: ignore[attr-defined]
+                importer, imported = (part.strip() for part in line.split("->"))
+                targets = graph.find_children(imported[:-2]) if imported.endswith(".*") else {imported}
+                edges.setdefault(importer, set()).update(targets)
+            return edges
+
+        def check(self, graph: Any, verbose: bool) -> ContractCheck:
+            containers = list(self.containers or self.session_options["root_packages"])  # type: ignore[call-overload]
+            by_name = self._by_name(graph)
+            skipped = [str(package) for package in self.skip or []]  # type: ignore[attr-defined]
+            cycles = [cycle for package in containers for cycle in module_cycles(graph, package, by_name, skipped)]
+            return ContractCheck(kept=not cycles, metadata={"cycles": cycles})
+
+        def render_broken_contract(self, check: ContractCheck) -> None:
+            for cycle in check.metadata["cycles"]:
+                output.print_error(" -> ".join(cycle), bold=False)
+                output.new_line()
+
+    return AcyclicModulesContract
