@@ -18,7 +18,7 @@ import torch
 from flame.config.errors import ConfigError
 from flame.models.adapters import adapter_for
 from flame.models.build import build_meta_model, import_custom_models, load_model_config
-from flame.models.families.fla import FLA_MODEL_TYPES
+from flame.models.families.fla_base import FLA_MODEL_TYPES
 from tests.checkpoint.conftest import train_here
 from tests.helpers import ROOT
 

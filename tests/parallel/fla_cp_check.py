@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
-from flame.models.families import fla, fla_delta, fla_gla
+from flame.models.families import fla_base, fla_delta, fla_gla
 from flame.parallel import state_passing as sp
 from flame.parallel.context_parallel import shard_indices
 
@@ -36,7 +36,7 @@ def compare(case: str, ours: list[torch.Tensor], full: list[torch.Tensor], index
 def main() -> int:
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("cp",))
-    for install in (fla.install_common, fla_gla.install, fla_delta.install):  # as importing fla in training does
+    for install in (fla_base.install_common, fla_gla.install, fla_delta.install):  # as importing fla in training does
         install()
     import fla.layers.gla as gla_layer
     from fla.modules import ShortConvolution

@@ -8,7 +8,7 @@ callers that look a family up (the trainer's builders, the dry run, validation, 
 
 Importing this package imports every module in this folder (in name order), so adding a family is
 adding a module here, plus its test. A module that refines another one's entries (``fla_gla`` replaces
-the CUDA-only entry ``fla`` registers for ``gla``) imports that module first, so the order of the files
+the CUDA-only entry ``fla_base`` registers for ``gla``) imports that module first, so the order of the files
 does not matter. The modules are found by name, which import-linter cannot follow: the contracts in
 pyproject.toml therefore also keep the families below everything that imports this package.
 """

@@ -18,7 +18,7 @@ import torch
 
 from flame.models import fla_reference as ref
 from flame.models.adapters import register_adapter
-from flame.models.families.fla import FLA_MLP_PLAN, cpu_path_adapter
+from flame.models.families.fla_base import FLA_MLP_PLAN, cpu_path_adapter
 from flame.parallel import state_passing as sp
 
 # q/k/v/output-gate projections and the per-head gate and beta inputs (a, b) split by heads, the layer's
