@@ -139,21 +139,15 @@ def _enable_ring(rotate_method: str) -> None:
 
 
 def ring_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    sliding_window: int | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """torch's ring attention (CUDA) for this rank's shard: plain causal attention, no mask."""
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+    dropout: float = 0.0, scaling: float | None = None, **kwargs: Any,
+) -> tuple[torch.Tensor, None]:  # fmt: skip
+    """torch's ring attention (CUDA) for this rank's shard: plain causal attention, no mask (transformers'
+    attention-function arguments, as ``allgather_attention``; a ``sliding_window`` keyword is refused)."""
     from torch.distributed.tensor import DTensor, Shard
 
     _unsupported(kwargs)
-    if attention_mask is not None or sliding_window is not None:
+    if attention_mask is not None or kwargs.get("sliding_window") is not None:
         raise RuntimeError("torch's ring attention takes neither an attention mask nor a sliding window")
     state = _state(module)
     groups = query.shape[1] // key.shape[1]
