@@ -10,7 +10,7 @@
 # PYTHON (interpreter, default: the .venv next to this script if present, else python3), FLAME_COLOR (1/0:
 # colours in the console lines; default: whether this script's stdout is a terminal).
 # Every argument goes to `python -m flame.train`. When training ends and checkpoints are on, the last
-# checkpoint is converted to a Hugging Face folder.
+# checkpoint is converted to a Hugging Face folder (unless the run stopped before the end of its schedule).
 #
 # Exit codes: 0 done; 2 bad input; 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (run the
 # same command again to resume; scripts/slurm/train.sbatch requeues the job); else the failure's code.
@@ -112,8 +112,9 @@ if [ -f "$preempted" ]; then
 fi
 [ "$status" -eq 0 ] || exit "$status"
 
-# Export the last checkpoint as a Hugging Face model (once, on the first node).
-if [ "$FLAME_CHECKPOINT" = 1 ] && [ "$FLAME_SEED_CHECKPOINT" = 0 ] && [ "$NODE_RANK" = 0 ]; then
+# Export the last checkpoint as a Hugging Face model (once, on the first node); not for a run paused
+# before the end of its schedule (lr_scheduler.schedule_steps > training.steps: a trunk to be continued).
+if [ "$FLAME_CHECKPOINT" = 1 ] && [ "$FLAME_SEED_CHECKPOINT" = 0 ] && [ "$FLAME_PAUSED" = 0 ] && [ "$NODE_RANK" = 0 ]; then
   extra=()
   [ -n "$FLAME_CUSTOM_MODEL_PATH" ] && extra+=(--custom_model_path "$FLAME_CUSTOM_MODEL_PATH")
   "$PYTHON" -m flame.utils.convert_dcp_to_hf --path "$FLAME_DUMP_FOLDER" --step "$FLAME_STEPS" \

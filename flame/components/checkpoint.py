@@ -19,6 +19,11 @@ torchtitan's manager writes and reads the folders; flame decides around it, thin
   (one too many kept), lags one checkpoint in async mode, and counts interrupted folders. Here only
   complete checkpoints count, the final one included, and an in-flight async save is never touched.
 * **Hugging Face start.** Without any checkpoint, ``initial_load_hf`` gives the initial weights.
+* **Forks.** Without a checkpoint of its own, ``fork_from`` (another run's step folder) gives the full
+  state, through torchtitan's ``initial_load_path`` with everything loaded (``flame/components/fork.py``
+  checks the source run's settings before any work; the tensors are checked here as for a resume).
+* **Rung checkpoints.** ``keep_steps`` are saved whatever the interval and never purged by
+  ``keep_latest_k`` (a trial scheduler releases them when the trial ends).
 * **Save errors.** A save that fails with an ``OSError`` (a full disk, a quota, a read-only folder)
   removes its incomplete step folder, so the newest complete checkpoint stays the one a restart
   resumes from, and raises ``CheckpointSaveError`` with one clear message instead of DCP's multi-rank
@@ -144,7 +149,9 @@ class Checkpointer:
         self.interval = ck.interval
         self.load_step = ck.load_step
         self.keep_latest_k = ck.keep_latest_k
+        self.keep_steps = set(ck.keep_steps)
         self.initial_load_hf = ck.initial_load_hf
+        self.fork_from = os.path.abspath(ck.fork_from) if ck.fork_from else ""
         # The model, or its pipeline stages on this rank (each then holds only some of the weights).
         self.model_parts = model if isinstance(model, list) else [model]
         self.pipelined = config.experimental.pipeline_parallel_degree > 1
@@ -154,7 +161,8 @@ class Checkpointer:
         self._last_save_time = self.clock()
         self.manager = CheckpointManager(
             CheckpointManager.Config(
-                enable=ck.enable_checkpoint or ck.create_seed_checkpoint,
+                # a fork loads through the manager even when this run saves no checkpoints of its own
+                enable=ck.enable_checkpoint or ck.create_seed_checkpoint or bool(ck.fork_from),
                 folder=ck.folder,
                 interval=1,  # flame decides when to save (steps or seconds); see should_save
                 keep_latest_k=0,  # flame purges (see the module docstring)
@@ -162,7 +170,8 @@ class Checkpointer:
                 last_save_model_only=ck.model_weights_only,
                 export_dtype=ck.export_dtype,  # type: ignore[arg-type]
                 async_mode=ck.async_mode,  # type: ignore[arg-type]
-                initial_load_model_only=False,
+                initial_load_model_only=False,  # a fork takes everything: optimizer, data, schedule, step
+                initial_load_path=self.fork_from or None,
             ),
             dataloader=dataloader,
             model_parts=self.model_parts,
@@ -214,13 +223,14 @@ class Checkpointer:
             logger.warning("step-%d holds model weights only (a final export); resuming from an earlier one", step)
         return None
 
-    def _check_fits_model(self, step: int) -> None:
-        """Keys and shapes of ``step`` against the model: a ConfigError naming the first mismatch."""
-        path = os.path.join(self.folder, f"step-{step}")
+    def _check_fits_model(self, path: str) -> None:
+        """Keys and shapes of the checkpoint at ``path`` against the model: a ConfigError naming the first mismatch."""
         fix = (
             "it was written for another model config; resume with the --model.config (and --model.norm_type) "
             "the run was trained with, or start in a fresh --job.dump_folder"
         )
+        if path == self.fork_from:
+            fix = "it was written for another model config; fork from a run of this model"
         stored = tensor_metadata(path)
         for part in self.model_parts:
             match_keys(part, stored, path, fix, allow_extra=self.pipelined)
@@ -230,14 +240,20 @@ class Checkpointer:
 
         With checkpointing on: ``load_step`` (-1: the newest complete, resumable checkpoint). A
         model-only ``step-0`` (a seed checkpoint, or ``convert_hf_to_dcp`` output) gives the initial
-        weights and training starts at step 1. With no checkpoint at all, ``initial_load_hf`` (if set)
-        gives the initial weights.
+        weights and training starts at step 1. With no checkpoint of its own, ``fork_from`` (if set)
+        gives the whole state of another run's checkpoint, else ``initial_load_hf`` (if set) the
+        initial weights.
         """
         step = _on_rank0(self._step_to_load) if self.enabled else None
         if step is not None:
-            self._check_fits_model(step)
+            self._check_fits_model(os.path.join(self.folder, f"step-{step}"))
             self.manager.load(step=step)
             self.loaded_from = "initial weights from step-0" if step == 0 else f"resumed at step {step}"
+            return True
+        if self.fork_from:
+            self._check_fits_model(self.fork_from)
+            self.manager.load(step=-1)  # no checkpoint here: torchtitan loads initial_load_path, in full
+            self.loaded_from = f"forked from {self.fork_from} at step {self.manager.states['train_state'].step}"
             return True
         if self.initial_load_hf:
             from flame.components.hf_init import load_hf_weights
@@ -253,6 +269,8 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         if not self.enabled:
             return False
+        if step in self.keep_steps:  # the same on every rank: no rank enters the broadcast below alone
+            return True
         if self.interval_type == "steps":
             return step % self.interval == 0
         # Seconds: rank 0's clock decides for everyone, so all ranks enter the collective save.
@@ -322,7 +340,8 @@ class Checkpointer:
             logger.info("removed step folders %s (an interrupted save, or an earlier run's) before saving", later)
 
     def _purge(self) -> None:
-        """Keep the newest ``keep_latest_k`` complete checkpoints; drop older ones and interrupted leftovers.
+        """Keep the newest ``keep_latest_k`` complete checkpoints and every ``keep_steps`` one; drop older
+        ones and interrupted leftovers.
 
         Only complete folders count. An incomplete folder newer than every complete one may be an async
         save in flight and is left alone; older incomplete folders are leftovers of an interrupted save.
@@ -330,7 +349,7 @@ class Checkpointer:
         if self.keep_latest_k <= 0 or dist.get_rank() != 0:
             return
         complete = available_steps(self.folder)
-        doomed = complete[: -self.keep_latest_k]
+        doomed = [s for s in complete[: -self.keep_latest_k] if s not in self.keep_steps]
         if complete:
             doomed += [s for s in incomplete_steps(self.folder) if s < complete[-1]]
         for step in doomed:

@@ -102,10 +102,14 @@ def build_optimizers(model_parts: list[nn.Module] | nn.Module, config: JobConfig
 
 
 def build_lr_schedulers(optimizers: Optimizers, config: JobConfig) -> LRSchedulersContainer:
-    """Linear warmup, then (warmup-stable-)decay: linear, sqrt or cosine down to ``lr_min`` x lr."""
+    """Linear warmup, then (warmup-stable-)decay: linear, sqrt or cosine down to ``lr_min`` x lr, laid out
+    over ``lr_scheduler.schedule_steps`` (torchtitan's ``total_steps``; unset: ``training.steps``). The
+    schedule's state in a checkpoint is its step count only, so a run resumed with other settings (a
+    larger ``training.steps``) follows the schedule its config gives now."""
     s = config.lr_scheduler
     cfg = LRSchedulersContainer.Config(
         warmup_steps=s.warmup_steps,
+        total_steps=s.schedule_steps,
         decay_ratio=s.decay_ratio,
         decay_type=s.decay_type,  # type: ignore[arg-type]
         min_lr_factor=s.lr_min,

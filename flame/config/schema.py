@@ -68,6 +68,12 @@ class LRScheduler:
     )
     decay_type: str = opt("linear", "shape of the decay", ("linear", "sqrt", "cosine"))
     lr_min: float = opt(0.0, "final learning rate as a fraction of optimizer.lr")
+    schedule_steps: int | None = opt(
+        None,
+        "steps the schedule is laid out over (warmup, stable, decay); unset: training.steps. Larger than "
+        "training.steps: the run stops early on a longer run's schedule and continues it exactly when resumed "
+        "with a larger training.steps (a trunk of a trial scheduler)",
+    )
 
 
 @dataclass
@@ -176,6 +182,16 @@ class Checkpoint:
         "",
         "Hugging Face model folder (safetensors) whose weights training starts from; "
         "used only while the checkpoint folder holds no checkpoint",
+    )
+    fork_from: str = opt(
+        "",
+        "a complete step folder of another run (<dump_folder>/checkpoint/step-N): this run starts from its full "
+        "state (model, optimizer, lr schedule, data position, RNG, step) while its own checkpoint folder holds no "
+        "checkpoint; the model, data and world size must be the source run's",
+    )
+    keep_steps: list[int] = opt(
+        [],
+        "comma list of steps saved whatever the interval and kept whatever keep_latest_k says (rung checkpoints)",
     )
 
 

@@ -144,6 +144,12 @@ def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> No
     _check_data(config, problems)
     _check_files(config, problems)
     _check_degrees(config, world_size, problems, device_type)
+    from flame.components.fork import fork_problems, schedule_problems  # trunks, forks, rung checkpoints
+
+    problems.extend(schedule_problems(config))
+    if config.checkpoint.fork_from and not problems:  # the fork's checks need a valid layout
+        dp = resolve_dp_shard(config, world_size) * config.training.data_parallel_replicate_degree
+        problems.extend(fork_problems(config, dp))
 
     for flag, (default, what) in NOT_YET.items():
         if _get(config, flag) != default:

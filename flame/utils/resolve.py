@@ -10,6 +10,7 @@ from __future__ import annotations
 import shlex
 import sys
 
+from flame.components.fork import paused
 from flame.config.errors import ConfigError
 from flame.config.loader import parse_args
 
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         "FLAME_CUSTOM_MODEL_PATH": config.experimental.custom_model_path,
         "FLAME_SEED_CHECKPOINT": int(config.checkpoint.create_seed_checkpoint),
         "FLAME_DRY_RUN": int(config.job.dry_run),
+        # a trunk stopped before the end of its schedule (lr_scheduler.schedule_steps) is not a finished model
+        "FLAME_PAUSED": int(paused(config)),
     }
     for key, value in values.items():
         print(f"{key}={shlex.quote(str(value))}")
