@@ -1,0 +1,134 @@
+"""The Slurm launcher: arrays with throttles, chunks of MaxArraySize, the controller chain; the real cluster in slow.
+
+The fast tests put a fake ``sbatch`` on the PATH that records its arguments; the slow ones run the
+experiment on the local Slurm cluster (tests/launch/conftest.py starts it where it is not up; CI runs as
+root), including one ``scancel`` of a running array task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from flame.experiments import api
+from tests.experiments.test_resume import SPEC, records, wait_for
+from tests.helpers import PYTHON, ROOT, env
+from tests.launch.conftest import slurm_cluster  # noqa: F401  (the fixture)
+
+FAKE_SBATCH = """#!/usr/bin/env bash
+n=$(( $(cat "{log}" 2>/dev/null | wc -l) + 100 ))
+echo "$@" >> "{log}"
+echo "$n"
+"""
+
+
+def test_arrays_throttle_chunk_and_chain(write_spec, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "sbatch.log"
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH.format(log=log))
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    from flame.experiments import slurm
+
+    monkeypatch.setattr(slurm, "max_array_size", lambda: 2)
+    spec = write_spec(
+        SPEC.replace("ROOT", str(tmp_path / "exp")).replace("KIND", "fake").replace("STEPS", "4")
+        + '[experiment.slurm]\npartition = "debug"\ntime = "00:30:00"\noptions = ["--qos=high"]\n'
+    )
+    api.run(spec, launcher="slurm", echo=lambda *a, **k: None)
+    calls = log.read_text().splitlines()
+    assert len(calls) == 3  # 3 trials in chunks of 2: two arrays, then the controller
+    assert "--array=0-1%1" in calls[0] and "--array=0-0%1" in calls[1] and "--dependency=afterany:100" in calls[1]
+    for call in calls[:2]:
+        assert "--partition=debug" in call and "--time=00:30:00" in call and "--qos=high" in call
+        assert "--requeue" in call and "--signal=USR1@180" in call and "flame.experiments.slurm task" in call
+    assert "--dependency=afterany:100:101" in calls[2] and "flame.experiments.slurm controller" in calls[2]
+    assert "--kill-on-invalid-dep=yes" in calls[2]
+    events = records(tmp_path / "exp")
+    assert [e["job"] for e in events if e["event"] == "launch"] == ["100_0", "100_1", "101_0"]
+    assert (tmp_path / "exp" / "spec.toml").exists()
+    # Each task file line names its trial; the trial folders hold their resolved configs already.
+    lines = [json.loads(x) for f in sorted((tmp_path / "exp" / "slurm").glob("*.tasks")) for x in f.read_text().splitlines()]  # fmt: skip
+    assert len(lines) == 3 and all(os.path.exists(os.path.join(x["folder"], "config.toml")) for x in lines)
+    # The plan says the same without submitting anything.
+    plan = api.plan(spec, launcher="slurm")
+    assert any("--array=0-1%1 + --array=0-0%1" in line for line in plan["launch"])
+
+
+def job_state(job: str) -> str:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
+    match = re.search(r"\bJobState=(\S+)", out)
+    return match.group(1) if match else ""
+
+
+def experiment_done(root: Path) -> bool:
+    return any(e["event"] == "experiment" for e in records(root))
+
+
+def run_on_slurm(spec: Path, root: Path, timeout: float, scancel: bool, **extra_env: str) -> str | None:
+    """Submit; optionally scancel the first running array task once it has a checkpoint; wait for the end."""
+    proc = subprocess.run([PYTHON, "-m", "flame.experiment", "run", str(spec), "--launcher", "slurm"], cwd=ROOT,
+                          env=env(**extra_env), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cancelled = None
+    if scancel:
+
+        def running_with_checkpoint():
+            for e in records(root):
+                if e["event"] == "launch" and job_state(e["job"]) == "RUNNING":
+                    ck = root / e["stage"] / e["trial"] / "checkpoint"
+                    if ck.is_dir() and any((p / ".metadata").exists() for p in ck.iterdir()):
+                        return e
+            return None
+
+        wait_for(lambda: running_with_checkpoint() is not None, timeout, "a running task with a checkpoint")
+        task = running_with_checkpoint()
+        subprocess.run(["scancel", task["job"]], check=True)
+        cancelled = task["trial"]
+    end = time.monotonic() + timeout
+    while not experiment_done(root):
+        if time.monotonic() > end:
+            subprocess.run(["scancel", "--name", f"flame-{root.name}-controller"], capture_output=True)
+            raise AssertionError(f"experiment not done after {timeout} s: {(root / 'records.jsonl').read_text()[-3000:]}")  # fmt: skip
+        time.sleep(1)
+    return cancelled
+
+
+@pytest.mark.slow
+def test_fake_experiment_on_the_cluster(slurm_cluster, write_spec, tmp_path):  # noqa: F811
+    extra = {"FLAME_STAGE_KINDS": "tests.experiments.fake_kind", "FAKE_STEP_SECONDS": "0.5"}
+    spec = write_spec(SPEC.replace("ROOT", str(tmp_path / "slurm")).replace("KIND", "fake").replace("STEPS", "12").replace("max_parallel = 1", "max_parallel = 2"))  # fmt: skip
+    cancelled = run_on_slurm(spec, tmp_path / "slurm", 300, scancel=True, **extra)
+    reference = write_spec(SPEC.replace("ROOT", str(tmp_path / "local")).replace("KIND", "fake").replace("STEPS", "12"), "ref.toml")  # fmt: skip
+    os.environ["FLAME_STAGE_KINDS"] = extra["FLAME_STAGE_KINDS"]
+    api.run(reference, echo=lambda *a, **k: None)
+    got, want = api.status(spec), api.status(reference)
+    for g, w in zip(got["stages"], want["stages"], strict=True):
+        assert [(t["id"], t["status"], t["metric"]) for t in g["trials"]] == [(t["id"], t["status"], t["metric"]) for t in w["trials"]]  # fmt: skip
+    log = (tmp_path / "slurm" / "search" / cancelled / "train.log").read_text()
+    assert "resumed at step" in log
+    submits = [e for e in records(tmp_path / "slurm") if e["event"] == "submit"]
+    assert [e["stage"] for e in submits] == ["search", "search", "final"]  # the cancelled task went again
+    assert submits[1]["trials"] == [cancelled]
+
+
+@pytest.mark.slow
+def test_real_experiment_on_the_cluster(slurm_cluster, write_spec, tmp_path):  # noqa: F811
+    spec = write_spec(SPEC.replace("ROOT", str(tmp_path / "slurm")).replace("KIND", "train").replace("STEPS", "16").replace("max_parallel = 1", "max_parallel = 2"))  # fmt: skip
+    cancelled = run_on_slurm(spec, tmp_path / "slurm", 1500, scancel=True)
+    reference = write_spec(SPEC.replace("ROOT", str(tmp_path / "local")).replace("KIND", "train").replace("STEPS", "16"), "ref.toml")  # fmt: skip
+    api.run(reference, echo=lambda *a, **k: None)
+    got, want = api.status(spec), api.status(reference)
+    for g, w in zip(got["stages"], want["stages"], strict=True):
+        assert [(t["id"], t["status"]) for t in g["trials"]] == [(t["id"], t["status"]) for t in w["trials"]]
+        for a, b in zip(g["trials"], w["trials"], strict=True):
+            assert a["metric"] == pytest.approx(b["metric"], rel=1e-5)
+    log = (tmp_path / "slurm" / "search" / cancelled / "train.log").read_text()
+    assert "resumed at step" in log
