@@ -19,8 +19,9 @@ from flame.experiments.hooks import call_reports
 from flame.experiments.live import LiveConsole
 from flame.experiments.plan import ExperimentError
 from flame.experiments.records import DriverLock, Records
-from flame.experiments.spec import Experiment, Link, load_spec
+from flame.experiments.spec import Experiment, load_spec
 from flame.experiments.status import Console, build, table
+from flame.experiments.values import Link
 
 
 @dataclass

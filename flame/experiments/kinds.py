@@ -19,8 +19,9 @@ from functools import cache
 from typing import Any
 
 from flame.config.errors import ConfigError
-from flame.experiments.spec import LINK_FIELDS, Link, Stage
+from flame.experiments.spec import Stage
 from flame.experiments.trial import Trial
+from flame.experiments.values import LINK_FIELDS, Link
 
 Add = Callable[[str, str], None]  # (where, message)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -20,8 +20,9 @@ from typing import Any
 
 from flame.config.errors import ConfigError
 from flame.experiments.kinds import config_hash, stage_kind
-from flame.experiments.spec import Contender, Dist, Experiment, Grid, Link, Search, Stage, Zip
+from flame.experiments.spec import Contender, Experiment, Search, Stage
 from flame.experiments.trial import Outcome, Trial, last_checkpoint, metric_value
+from flame.experiments.values import Dist, Grid, Link, Zip
 
 
 class Waiting(Exception):
@@ -273,8 +274,21 @@ def validate_trials(exp: Experiment, trials: list[Trial], device_type: str) -> N
             stage_kind(trial.kind).validate(trial, device_type, f"{exp.source}: [[stage]] {trial.stage!r}")
         except ConfigError as e:
             problems.extend(p for p in e.problems if p not in problems)
-    if problems:
-        raise ConfigError(problems)
+    # A problem of the base config repeats in every trial: say it once, with the number of trials.
+    merged: dict[str, list[str]] = {}
+    for p in problems:
+        m = re.match(r"(.*?): trial (\S+): (.*)", p)
+        key = f"{m.group(1)}: {m.group(3)}" if m else p
+        merged.setdefault(key, []).append(m.group(2) if m else "")
+    if merged:
+        raise ConfigError(
+            [
+                k
+                if len(v) == 1 and not v[0]
+                else f"{k} (in {len(v)} trials: {', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                for k, v in merged.items()
+            ]
+        )
 
 
 def finite(value: Any) -> float | None:

@@ -17,7 +17,8 @@ import os
 from typing import Any
 
 from flame.config.errors import ConfigError
-from flame.experiments.spec import Dist, Search
+from flame.experiments.spec import Search
+from flame.experiments.values import Dist
 
 SAMPLERS = {
     "random": "RandomSampler",

@@ -26,6 +26,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from functools import cache
 from typing import Any
 
@@ -218,13 +219,14 @@ def run_task(tasks: str, index: int) -> int:
         command = ["bash", SBATCH_TRAIN, *task["command"][2:]]  # preemption -> checkpoint -> requeue
     else:
         command = task["command"]
+    start = time.time()
     with open(os.path.join(folder, "train.log"), "ab") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     preempted = os.path.exists(os.path.join(folder, "preempted.json"))
     if preempted or code in (75, 143, -15):
         code = 75  # stopped after saving (train.sbatch requeued the task, or it was cancelled): resumable
     with open(exit_file + ".tmp", "w") as f:
-        json.dump({"code": code}, f)
+        json.dump({"code": code, "start": start, "end": time.time(), "job": os.environ.get("SLURM_JOB_ID")}, f)
     os.replace(exit_file + ".tmp", exit_file)
     return 0 if code == 75 else code
 
