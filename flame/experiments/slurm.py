@@ -108,8 +108,19 @@ def submit_stage(exp: Experiment, stage: Stage, items: list[WorkItem], records: 
             for i in part:
                 item = items[i]
                 write_trial_files(item)
-                f.write(json.dumps({"stage": stage.name, "key": item.key, "folder": item.folder, "kind": item.trial.kind,
-                                    "ngpu": item.trial.ngpu, "command": stage_kind(item.trial.kind).command(item.trial)}) + "\n")  # fmt: skip
+                f.write(
+                    json.dumps(
+                        {
+                            "stage": stage.name,
+                            "key": item.key,
+                            "folder": item.folder,
+                            "kind": item.trial.kind,
+                            "ngpu": item.trial.ngpu,
+                            "command": stage_kind(item.trial.kind).command(item.trial),
+                        }
+                    )
+                    + "\n"
+                )
         args = [
             *_options(exp, stage),
             f"--array=0-{len(part) - 1}%{exp.max_parallel}",
@@ -122,7 +133,10 @@ def submit_stage(exp: Experiment, stage: Stage, items: list[WorkItem], records: 
         ]
         if jobs:  # chunks one after the other: max_parallel at a time in all
             args.append(f"--dependency=afterany:{jobs[-1]}")
-        job = sbatch([*args, "--wrap", f"{shlex.quote(sys.executable)} -m flame.experiments.slurm task {shlex.quote(tasks)}"], os.getcwd())  # fmt: skip
+        job = sbatch(
+            [*args, "--wrap", f"{shlex.quote(sys.executable)} -m flame.experiments.slurm task {shlex.quote(tasks)}"],
+            os.getcwd(),
+        )
         jobs.append(job)
         for k, i in enumerate(part):
             records.append("launch", stage=stage.name, trial=items[i].key, job=f"{job}_{k}")
@@ -172,12 +186,20 @@ def step(exp: Experiment, retry_failed: bool = False, echo: Any = print) -> dict
             echo(table(result))
             call_reports(exp, result)
             return result
-        if not pending.to_launch:
-            raise ConfigError(f"stage {pending.stage.name!r} waits for {pending.waiting or 'nothing'} and has nothing to submit")  # fmt: skip
-        jobs = submit_stage(exp, pending.stage, pending.to_launch, records)
-        controller = submit_controller(exp, jobs)
-        records.append("controller", job=controller, after=jobs)
-        echo(f"stage {pending.stage.name}: {len(pending.to_launch)} trials in array job(s) {', '.join(jobs)}; controller job {controller} runs after them")  # fmt: skip
+        # A task still queued or running (requeued after a preemption) is waited for, not submitted twice.
+        still = [i for i in pending.to_launch if records.running(pending.stage.name, i.key)]
+        items = [i for i in pending.to_launch if i not in still]
+        waiting = [str(records.last("launch", pending.stage.name, i.key)["job"]) for i in still]  # type: ignore[index]
+        if not items and not waiting:
+            raise ConfigError(
+                f"stage {pending.stage.name!r} waits for {pending.waiting or 'nothing'} and has nothing to submit"
+            )
+        jobs = submit_stage(exp, pending.stage, items, records) if items else []
+        controller = submit_controller(exp, jobs + waiting)
+        records.append("controller", job=controller, after=jobs + waiting)
+        echo(
+            f"stage {pending.stage.name}: {len(items)} trials in array job(s) {', '.join(jobs)}; controller job {controller} runs after them"
+        )
         return result
 
 
@@ -193,8 +215,10 @@ def submit(exp: Experiment, retry_failed: bool = False, echo: Any = print) -> di
     records = Records(exp.root)
     active = [e["job"] for e in records.events if e["event"] == "controller" and job_active(str(e["job"]))]
     if active:
-        raise ConfigError(f"{exp.root}: this experiment is running on Slurm (controller job {active[-1]}); "
-                          "watch it with `python -m flame.experiment status`")  # fmt: skip
+        raise ConfigError(
+            f"{exp.root}: this experiment is running on Slurm (controller job {active[-1]}); "
+            "watch it with `python -m flame.experiment status`"
+        )
     raw = json.loads(json.dumps(exp.raw))
     raw["experiment"]["root"], raw["experiment"]["launcher"] = exp.root, "slurm"
     os.makedirs(exp.root, exist_ok=True)

@@ -142,7 +142,8 @@ def test_evaluate_stage_expands_per_linked_checkpoint(write_spec):
     states = walk(exp, Records(exp.root), "readonly")
     evals = states[1].scheduler.trials()
     assert sorted(t.values["checkpoint"] for t in evals) == sorted(
-        os.path.join(t["dump_folder"], "checkpoint", "step-2") for t in api.plan(spec)["stages"][0]["trials"])  # fmt: skip
+        os.path.join(t["dump_folder"], "checkpoint", "step-2") for t in api.plan(spec)["stages"][0]["trials"]
+    )
     for t in evals:
         assert (
             t.config.validation.enable and t.config.validation.steps == 3 and not t.config.checkpoint.enable_checkpoint

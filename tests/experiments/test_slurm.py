@@ -55,7 +55,9 @@ def test_arrays_throttle_chunk_and_chain(write_spec, tmp_path, monkeypatch):
     assert [e["job"] for e in events if e["event"] == "launch"] == ["100_0", "100_1", "101_0"]
     assert (tmp_path / "exp" / "spec.toml").exists()
     # Each task file line names its trial; the trial folders hold their resolved configs already.
-    lines = [json.loads(x) for f in sorted((tmp_path / "exp" / "slurm").glob("*.tasks")) for x in f.read_text().splitlines()]  # fmt: skip
+    lines = [
+        json.loads(x) for f in sorted((tmp_path / "exp" / "slurm").glob("*.tasks")) for x in f.read_text().splitlines()
+    ]
     assert len(lines) == 3 and all(os.path.exists(os.path.join(x["folder"], "config.toml")) for x in lines)
     # The plan says the same without submitting anything.
     plan = api.plan(spec, launcher="slurm")
@@ -74,8 +76,14 @@ def experiment_done(root: Path) -> bool:
 
 def run_on_slurm(spec: Path, root: Path, timeout: float, scancel: bool, **extra_env: str) -> str | None:
     """Submit; optionally scancel the first running array task once it has a checkpoint; wait for the end."""
-    proc = subprocess.run([PYTHON, "-m", "flame.experiment", "run", str(spec), "--launcher", "slurm"], cwd=ROOT,
-                          env=env(**extra_env), capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [PYTHON, "-m", "flame.experiment", "run", str(spec), "--launcher", "slurm"],
+        cwd=ROOT,
+        env=env(**extra_env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cancelled = None
     if scancel:
@@ -96,7 +104,9 @@ def run_on_slurm(spec: Path, root: Path, timeout: float, scancel: bool, **extra_
     while not experiment_done(root):
         if time.monotonic() > end:
             subprocess.run(["scancel", "--name", f"flame-{root.name}-controller"], capture_output=True)
-            raise AssertionError(f"experiment not done after {timeout} s: {(root / 'records.jsonl').read_text()[-3000:]}")  # fmt: skip
+            raise AssertionError(
+                f"experiment not done after {timeout} s: {(root / 'records.jsonl').read_text()[-3000:]}"
+            )
         time.sleep(1)
     return cancelled
 
@@ -104,14 +114,23 @@ def run_on_slurm(spec: Path, root: Path, timeout: float, scancel: bool, **extra_
 @pytest.mark.slow
 def test_fake_experiment_on_the_cluster(slurm_cluster, write_spec, tmp_path):  # noqa: F811
     extra = {"FLAME_STAGE_KINDS": "tests.experiments.fake_kind", "FAKE_STEP_SECONDS": "0.5"}
-    spec = write_spec(SPEC.replace("ROOT", str(tmp_path / "slurm")).replace("KIND", "fake").replace("STEPS", "12").replace("max_parallel = 1", "max_parallel = 2"))  # fmt: skip
+    spec = write_spec(
+        SPEC.replace("ROOT", str(tmp_path / "slurm"))
+        .replace("KIND", "fake")
+        .replace("STEPS", "12")
+        .replace("max_parallel = 1", "max_parallel = 2")
+    )
     cancelled = run_on_slurm(spec, tmp_path / "slurm", 300, scancel=True, **extra)
-    reference = write_spec(SPEC.replace("ROOT", str(tmp_path / "local")).replace("KIND", "fake").replace("STEPS", "12"), "ref.toml")  # fmt: skip
+    reference = write_spec(
+        SPEC.replace("ROOT", str(tmp_path / "local")).replace("KIND", "fake").replace("STEPS", "12"), "ref.toml"
+    )
     os.environ["FLAME_STAGE_KINDS"] = extra["FLAME_STAGE_KINDS"]
     api.run(reference, echo=lambda *a, **k: None)
     got, want = api.status(spec), api.status(reference)
     for g, w in zip(got["stages"], want["stages"], strict=True):
-        assert [(t["id"], t["status"], t["metric"]) for t in g["trials"]] == [(t["id"], t["status"], t["metric"]) for t in w["trials"]]  # fmt: skip
+        assert [(t["id"], t["status"], t["metric"]) for t in g["trials"]] == [
+            (t["id"], t["status"], t["metric"]) for t in w["trials"]
+        ]
     log = (tmp_path / "slurm" / "search" / cancelled / "train.log").read_text()
     assert "resumed at step" in log
     submits = [e for e in records(tmp_path / "slurm") if e["event"] == "submit"]
@@ -121,9 +140,16 @@ def test_fake_experiment_on_the_cluster(slurm_cluster, write_spec, tmp_path):  #
 
 @pytest.mark.slow
 def test_real_experiment_on_the_cluster(slurm_cluster, write_spec, tmp_path):  # noqa: F811
-    spec = write_spec(SPEC.replace("ROOT", str(tmp_path / "slurm")).replace("KIND", "train").replace("STEPS", "16").replace("max_parallel = 1", "max_parallel = 2"))  # fmt: skip
+    spec = write_spec(
+        SPEC.replace("ROOT", str(tmp_path / "slurm"))
+        .replace("KIND", "train")
+        .replace("STEPS", "16")
+        .replace("max_parallel = 1", "max_parallel = 2")
+    )
     cancelled = run_on_slurm(spec, tmp_path / "slurm", 1500, scancel=True)
-    reference = write_spec(SPEC.replace("ROOT", str(tmp_path / "local")).replace("KIND", "train").replace("STEPS", "16"), "ref.toml")  # fmt: skip
+    reference = write_spec(
+        SPEC.replace("ROOT", str(tmp_path / "local")).replace("KIND", "train").replace("STEPS", "16"), "ref.toml"
+    )
     api.run(reference, echo=lambda *a, **k: None)
     got, want = api.status(spec), api.status(reference)
     for g, w in zip(got["stages"], want["stages"], strict=True):
