@@ -178,7 +178,11 @@ def step(exp: Experiment, retry_failed: bool = False, echo: Any = print) -> dict
         if pending is not None and pending.scheduler is not None:
             metric, mode = exp.metric_of(pending.stage)
             ctx = StageContext(exp, pending.stage, pending.scheduler.ctx.expansion, records, metric, mode, True)
-            _check_failures(ctx, pending, _NoLauncher())
+            try:
+                _check_failures(ctx, pending, _NoLauncher())
+            except Exception as e:
+                records.append("experiment", status="stopped", message=str(e))
+                raise
         result = build(exp, states, records)
         if pending is None:
             if not any(e["event"] == "experiment" and e.get("status") == "done" for e in records.events):

@@ -290,3 +290,15 @@ space = { scale = { grid = [1.0, 10.0] } }
     assert [t["metric"] for t in fit] == pytest.approx([2e-3, 2e-2])
     summary = json.load(open(os.path.join(fit[0]["dump_folder"], "summary.json")))
     assert summary["best_metric"] == pytest.approx(result.best("search")["metric"])
+
+
+def test_removing_a_linked_stage_is_an_error_before_any_work(write_spec, tmp_path):
+    from flame.config.errors import ConfigError
+    from tests.experiments.conftest import tree
+
+    api.run(write_spec(GRID), echo=lambda *a, **k: None)
+    before = tree(tmp_path / "exp")
+    without = GRID[GRID.index('[[stage]]\nname = "scale-up"') :]
+    with pytest.raises(ConfigError, match=r"\[\[stage\]\] 'scale-up' 'optimizer.lr': link to unknown stage 'search'"):
+        api.run(write_spec(GRID[: GRID.index("[[stage]]")] + without, "changed.toml"), echo=lambda *a, **k: None)
+    assert tree(tmp_path / "exp") == before
