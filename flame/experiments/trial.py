@@ -145,10 +145,19 @@ def inspect(trial: Trial, metric: str) -> Outcome:
     return Outcome(trial, "pending", None, step, {}, code)
 
 
+def console_logs(folder: str) -> list[str]:
+    """The trial's console logs, oldest first: train.log (the local launcher's capture, and a Slurm task's
+    own lines) and, on Slurm, train.sbatch's per-node logs of each job (``logs/slurm-<job>-node0.out``)."""
+    import glob
+
+    paths = [os.path.join(folder, "train.log"), *glob.glob(os.path.join(folder, "logs", "slurm-*-node0.out"))]
+    return sorted((p for p in paths if os.path.isfile(p)), key=os.path.getmtime)
+
+
 def log_tail(trial: Trial, lines: int = 20) -> str:
-    """The last lines of the trial's console log (train.log), for a failure's record."""
-    try:
-        with open(os.path.join(trial.folder, "train.log"), errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
+    """The last lines of the trial's newest console log, for a failure's record."""
+    logs = console_logs(trial.folder)
+    if not logs:
         return ""
+    with open(logs[-1], errors="replace") as f:
+        return "".join(f.readlines()[-lines:])

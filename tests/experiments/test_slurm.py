@@ -131,8 +131,7 @@ def test_fake_experiment_on_the_cluster(slurm_cluster, write_spec, tmp_path):  #
         assert [(t["id"], t["status"], t["metric"]) for t in g["trials"]] == [
             (t["id"], t["status"], t["metric"]) for t in w["trials"]
         ]
-    log = (tmp_path / "slurm" / "search" / cancelled / "train.log").read_text()
-    assert "resumed at step" in log
+    assert "resumed at step" in logs_text(tmp_path / "slurm" / "search" / cancelled)
     submits = [e for e in records(tmp_path / "slurm") if e["event"] == "submit"]
     assert [e["stage"] for e in submits] == ["search", "search", "final"]  # the cancelled task went again
     assert submits[1]["trials"] == [cancelled]
@@ -156,5 +155,4 @@ def test_real_experiment_on_the_cluster(slurm_cluster, write_spec, tmp_path):  #
         assert [(t["id"], t["status"]) for t in g["trials"]] == [(t["id"], t["status"]) for t in w["trials"]]
         for a, b in zip(g["trials"], w["trials"], strict=True):
             assert a["metric"] == pytest.approx(b["metric"], rel=1e-5)
-    log = (tmp_path / "slurm" / "search" / cancelled / "train.log").read_text()
-    assert "resumed at step" in log
+    assert "resumed at step" in logs_text(tmp_path / "slurm" / "search" / cancelled)
