@@ -111,6 +111,13 @@ def run_on_slurm(spec: Path, root: Path, timeout: float, scancel: bool, **extra_
     return cancelled
 
 
+def logs_text(folder: Path) -> str:
+    """Every console log of a trial (train.log, and train.sbatch's per-node logs on Slurm)."""
+    from flame.experiments.trial import console_logs
+
+    return "".join(Path(p).read_text(errors="replace") for p in console_logs(str(folder)))
+
+
 @pytest.mark.slow
 def test_fake_experiment_on_the_cluster(slurm_cluster, write_spec, tmp_path):  # noqa: F811
     extra = {"FLAME_STAGE_KINDS": "tests.experiments.fake_kind", "FAKE_STEP_SECONDS": "0.5"}
