@@ -19,7 +19,7 @@ from flame.experiments.hooks import call_reports
 from flame.experiments.live import LiveConsole
 from flame.experiments.plan import ExperimentError
 from flame.experiments.records import DriverLock, Records
-from flame.experiments.spec import Experiment, load_spec
+from flame.experiments.spec import Experiment, resolve
 from flame.experiments.status import Console, build, table
 from flame.experiments.values import Link
 
@@ -41,12 +41,7 @@ class ExperimentResult:
         return table(self.status)
 
 
-def _spec(spec: str | os.PathLike | dict | Experiment, launcher: str | None) -> Experiment:
-    if isinstance(spec, Experiment):
-        return spec
-    exp = load_spec(spec, launcher)
-    exp.root = os.path.abspath(exp.root)
-    return exp
+_spec = resolve  # the name other modules of the package use
 
 
 def plan(spec: str | os.PathLike | dict | Experiment, launcher: str | None = None) -> dict[str, Any]:

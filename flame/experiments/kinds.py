@@ -19,7 +19,6 @@ from functools import cache
 from typing import Any
 
 from flame.config.errors import ConfigError
-from flame.experiments.spec import Stage
 from flame.experiments.trial import Trial
 from flame.experiments.values import LINK_FIELDS, Link
 
@@ -67,7 +66,7 @@ class StageKind:
     config_keys = True  # override/space keys are dotted keys of the training schema
     trains = True  # its trials train for training.steps (status shows step/steps)
 
-    def check_stage(self, stage: Stage, where: str, add: Add) -> None:
+    def check_stage(self, stage: Any, where: str, add: Add) -> None:
         if stage.config is None and (not stage.contenders or not all(c.config for c in stage.contenders)):
             add(where, "config (the base training TOML of every trial) is missing")
 
@@ -76,12 +75,12 @@ class StageKind:
             return None
         return f"unknown config key {key!r}.{_closest(key, schema_keys())} (any [section] key of the training schema)"
 
-    def check_field(self, fld: str, stage: Stage) -> str | None:
+    def check_field(self, fld: str, stage: Any) -> str | None:
         if fld in LINK_FIELDS or fld.startswith("metrics.") or fld in schema_keys():
             return None
         return f"no such field.{_closest(fld, [*LINK_FIELDS, *schema_keys()])} Fields: {', '.join(LINK_FIELDS)}, metrics.<key>, or a config key"
 
-    def resolve(self, stage: Stage, base_path: str, values: dict[str, Any], where: str) -> tuple[Any, dict, Any]:
+    def resolve(self, stage: Any, base_path: str, values: dict[str, Any], where: str) -> tuple[Any, dict, Any]:
         """(resolved config or None, kind values, hash material) of a trial whose dotted ``values`` are
         its stage's literals, links and searched params; ``job.dump_folder`` is set later."""
         from flame.config.loader import apply_overrides, to_dict
@@ -117,7 +116,7 @@ class EvaluateKind(StageKind):
     trains = False
     LM_EVAL_KEYS = ("tasks", "include_path", "limit", "num_fewshot", "batch_size")
 
-    def check_stage(self, stage: Stage, where: str, add: Add) -> None:
+    def check_stage(self, stage: Any, where: str, add: Add) -> None:
         ck = stage.options.get("checkpoint")
         if ck is None:
             add(where, "checkpoint (a DCP step folder, a run folder, a Hugging Face folder, or a link) is missing")
@@ -135,7 +134,7 @@ class EvaluateKind(StageKind):
         if stage.ngpu * stage.nnode > 1 and stage.nnode > 1:
             add(where, "evaluate runs on one node (nnode = 1)")
 
-    def resolve(self, stage: Stage, base_path: str, values: dict[str, Any], where: str):
+    def resolve(self, stage: Any, base_path: str, values: dict[str, Any], where: str):
         checkpoint = values.pop("checkpoint")
         values = {**values, "validation.enable": True, "checkpoint.enable_checkpoint": False}
         config, _, material = super().resolve(stage, base_path, values, where)
@@ -177,7 +176,7 @@ class PythonKind(StageKind):
     config_keys = False
     trains = False
 
-    def check_stage(self, stage: Stage, where: str, add: Add) -> None:
+    def check_stage(self, stage: Any, where: str, add: Add) -> None:
         fn = stage.options.get("function")
         if not isinstance(fn, str) or fn.count(":") != 1:
             add(where, f"function must be 'package.module:function', got {fn!r}")
@@ -185,12 +184,12 @@ class PythonKind(StageKind):
     def check_key(self, key: str) -> str | None:
         return None if key.isidentifier() else f"{key!r}: python stage values are keyword arguments (identifiers)"
 
-    def check_field(self, fld: str, stage: Stage) -> str | None:
+    def check_field(self, fld: str, stage: Any) -> str | None:
         if fld in ("dump_folder", "metric") or fld.startswith("metrics.") or fld.isidentifier():
             return None
         return "python stages give dump_folder, metric, metrics.<key> or one of their values"
 
-    def resolve(self, stage: Stage, base_path: str, values: dict[str, Any], where: str):
+    def resolve(self, stage: Any, base_path: str, values: dict[str, Any], where: str):
         fn = stage.options["function"]
         return None, {"function": fn, "kwargs": values}, {"function": fn, "kwargs": values}
 

@@ -27,7 +27,7 @@ from flame.experiments.hooks import WorkItem
 from flame.experiments.kinds import ROOT, stage_kind
 from flame.experiments.records import Records, pid_alive
 from flame.experiments.spec import Experiment
-from flame.experiments.trial import Outcome, inspect, log_tail
+from flame.experiments.trial import Outcome, Trial, inspect, log_tail
 
 # Runs the trial's command, forwards stop signals to it, and leaves its exit code in exit.json. A trial
 # that was asked to stop and did not finish counts as preempted (75) whatever its code: a signal that came
@@ -47,6 +47,22 @@ def _parent_death_signal() -> None:
         pass
 
 
+def describe(trial: Trial) -> dict[str, Any]:
+    """trial.json's content: what the experiment knows about a trial, and its command."""
+    return {
+        "id": trial.id,
+        "stage": trial.stage,
+        "kind": trial.kind,
+        "contender": trial.contender,
+        "params": trial.params,
+        "lineage": trial.lineage,
+        "values": trial.values,
+        "ngpu": trial.ngpu,
+        "nnode": trial.nnode,
+        "command": stage_kind(trial.kind).command(trial),
+    }
+
+
 def write_trial_files(item: WorkItem) -> None:
     """config.toml and trial.json in the trial's folder (by the driver, before the trial starts)."""
     trial = item.trial
@@ -55,7 +71,7 @@ def write_trial_files(item: WorkItem) -> None:
         save_toml(trial.config, os.path.join(trial.folder, "config.toml"))
     tmp = os.path.join(trial.folder, "trial.json.tmp")
     with open(tmp, "w") as f:
-        json.dump(trial.describe(), f, indent=2, default=str)
+        json.dump(describe(trial), f, indent=2, default=str)
     os.replace(tmp, os.path.join(trial.folder, "trial.json"))
 
 

@@ -72,10 +72,16 @@ class Records:
         if "pid" in launch and launch.get("host") == socket.gethostname():
             return pid_alive(launch["pid"])
         if "job" in launch:
-            from flame.experiments.slurm import job_active
-
             return job_active(str(launch["job"]))
         return False
+
+
+def job_active(job: str) -> bool:
+    """Whether a Slurm job (or array task ``ID_i``) is still pending or running."""
+    import subprocess
+
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
+    return out.returncode == 0 and bool(out.stdout.strip())
 
 
 def pid_alive(pid: int) -> bool:

@@ -33,16 +33,10 @@ from typing import Any
 from flame.config.errors import ConfigError
 from flame.experiments.hooks import WorkItem
 from flame.experiments.kinds import ROOT, stage_kind
-from flame.experiments.records import DriverLock, Records
+from flame.experiments.records import DriverLock, Records, job_active
 from flame.experiments.spec import Experiment, Stage
 
 SBATCH_TRAIN = os.path.join(ROOT, "scripts", "slurm", "train.sbatch")
-
-
-def job_active(job: str) -> bool:
-    """Whether a job (or array task ``ID_i``) is still pending or running."""
-    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
-    return out.returncode == 0 and bool(out.stdout.strip())
 
 
 @cache
@@ -264,11 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "task":
         return run_task(argv[1], int(os.environ["SLURM_ARRAY_TASK_ID"]) if len(argv) < 3 else int(argv[2]))
     if argv[0] == "controller":
-        from flame.experiments.api import _spec
         from flame.experiments.plan import ExperimentError
+        from flame.experiments.spec import resolve
 
         try:
-            step(_spec(argv[1], "slurm"))
+            step(resolve(argv[1], "slurm"))
         except ConfigError as e:
             print(f"flame: error: {e.format()}", file=sys.stderr)
             return 2

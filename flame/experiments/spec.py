@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flame.config.errors import ConfigError
-from flame.experiments.values import Dist, Link, Zip, _closest, _params, _Problems, parse_param
+from flame.experiments.values import Dist, Grid, Link, Zip, _closest, _params, _Problems, parse_param
+
+# The value types are re-exported: a spec's stages hold them (override, space).
+__all__ = ["Contender", "Dist", "Experiment", "Grid", "Link", "Search", "Slurm", "Stage", "Zip", "load_spec", "resolve"]
 
 SEARCH_KINDS = ("grid", "random", "tpe", "cmaes", "qmc", "gp")  # random/tpe/...: Optuna samplers
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -331,4 +334,13 @@ def load_spec(source: str | os.PathLike | dict[str, Any], launcher: str | None =
             "launcher", "'slurm' needs Slurm's sbatch on the PATH, and there is none here; use --launcher local"
         )
     problems.raise_if_any()
+    return exp
+
+
+def resolve(spec: str | os.PathLike | dict[str, Any] | Experiment, launcher: str | None = None) -> Experiment:
+    """``load_spec`` with the experiment root made absolute (an Experiment is returned as it is)."""
+    if isinstance(spec, Experiment):
+        return spec
+    exp = load_spec(spec, launcher)
+    exp.root = os.path.abspath(exp.root)
     return exp

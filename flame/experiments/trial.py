@@ -37,24 +37,6 @@ class Trial:
     steps: int = 0  # training.steps, for step/steps in the status
     experiment: str = ""  # the experiment's name (trial.json; the trials' W&B group)
 
-    def describe(self) -> dict[str, Any]:
-        """trial.json's content."""
-        from flame.experiments.kinds import stage_kind
-
-        return {
-            "experiment": self.experiment,
-            "id": self.id,
-            "stage": self.stage,
-            "kind": self.kind,
-            "contender": self.contender,
-            "params": self.params,
-            "lineage": self.lineage,
-            "values": self.values,
-            "ngpu": self.ngpu,
-            "nnode": self.nnode,
-            "command": stage_kind(self.kind).command(self),
-        }
-
 
 @dataclass
 class Outcome:
