@@ -38,6 +38,8 @@ DATA_KEYS = (
     "text_column",
     "streaming",
     "shuffle_buffer_size",
+    "sequence_shuffle_buffer",  # with the next two, the sequence shuffle's windows (flame.data.sequence_shuffle)
+    "gradient_accumulation_steps",
     "seq_len",
     "context_len",
     "varlen",

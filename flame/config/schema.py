@@ -112,6 +112,12 @@ class Training:
         1000,
         "streaming: documents read into the shuffle buffer and emitted in a seeded order per block (1: no shuffling)",
     )
+    sequence_shuffle_buffer: int | None = opt(
+        None,
+        "packed rows, over all data-parallel ranks, read ahead and dealt out in a seeded order so that a batch "
+        "holds rows of many documents (each rank holds its share); 0 or 1: rows in stream order; unset: about "
+        "4M tokens of rows (at least 16 steps), fewer when one epoch of a rank's data holds less",
+    )
     num_workers: int = opt(0, "dataloader worker processes per rank")
     prefetch_factor: int = opt(2, "batches each worker loads ahead (with num_workers > 0)")
     pin_memory: bool = opt(False, "pin host memory of batches (GPU)")

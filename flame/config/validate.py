@@ -141,7 +141,7 @@ def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> No
             f"--experimental.pipeline_parallel_microbatches must be >= 1, got {e.pipeline_parallel_microbatches}"
         )
 
-    _check_data(config, problems)
+    _check_data(config, world_size, problems)
     _check_files(config, problems)
     _check_degrees(config, world_size, problems, device_type)
     from flame.components.fork import fork_problems, schedule_problems  # trunks, forks, rung checkpoints
@@ -241,13 +241,15 @@ def _check_optimizer_name(name: str, problems: list[str]) -> None:
         )
 
 
-def _check_data(config: JobConfig, problems: list[str]) -> None:
+def _check_data(config: JobConfig, world_size: int, problems: list[str]) -> None:
     # The data checks live with the data code (build_dataloader runs them too); here they also
     # report flags that would be ignored, such as context_len without varlen.
-    from flame.data.checks import data_problems, dataset_problems
+    from flame.data.checks import data_problems, dataset_problems, shuffle_problems
     from flame.data.flags import validation_flags
 
     problems.extend(data_problems(config.training, ignored_flags=True))
+    dp = config.training.data_parallel_replicate_degree * resolve_dp_shard(config, world_size)
+    problems.extend(shuffle_problems(config.training, max(dp, 1)))
     if config.validation.enable:
         problems.extend(p for p in dataset_problems(validation_flags(config.validation, config.training))
                         if p.startswith("--validation."))  # the training entries are reported above  # fmt: skip

@@ -12,7 +12,9 @@ $NNODE`` or 1) with the training code itself, draws ``--steps`` optimizer steps 
 * each source's realized share of documents and tokens next to its requested probability;
 * packing efficiency: the fraction of label positions that carry a target (flame never pads;
   varlen masks the last token of every document piece);
-* the loader's throughput in tokens per second (after its first batch, i.e. without start-up).
+* the loader's throughput in tokens per second (after its first batch, i.e. without start-up);
+* how many distinct documents a batch holds, with the config's sequence shuffle and in stream
+  order (``--training.sequence_shuffle_buffer 0``: flame's order before the shuffle) side by side.
 
 ``--json`` prints the same facts as one JSON object (``sources``, ``packing_efficiency``,
 ``tokens_per_second``, ...). Exit codes: 0, 2 for bad input.
@@ -21,6 +23,7 @@ $NNODE`` or 1) with the training code itself, draws ``--steps`` optimizer steps 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -49,18 +52,21 @@ def _segments(row: dict[str, Any], eos_id: int) -> list[list[int]]:
 def inspect_batches(config: Any, tokenizer: Any, *, rank: int, dp_world_size: int, steps: int, samples: int) -> dict:
     """Draw ``steps`` steps of batches for data-parallel ``rank`` and collect the report's facts."""
     from flame.data import build_dataloader
+    from flame.data.sequence_shuffle import distinct_documents
     from flame.data.varlen import label_stats
 
     t = config.training
-    loader = build_dataloader(t, tokenizer, dp_rank=rank, dp_world_size=dp_world_size)
+    loader = build_dataloader(t, tokenizer, dp_rank=rank, dp_world_size=dp_world_size, document_spans=True)
     batches_per_step = t.gradient_accumulation_steps
     iterator = iter(loader)
     start = time.perf_counter()
     first_done = start
     positions = targets = tokens = 0
     sample_rows: list[list[dict[str, Any]]] = []
+    distinct: list[int] = []
     for i in range(steps * batches_per_step):
         batch = next(iterator)
+        distinct.append(distinct_documents(batch.pop("document_span")))
         if i == 0:
             first_done = time.perf_counter()
             for r in range(min(samples, batch["input_ids"].shape[0])):
@@ -84,6 +90,12 @@ def inspect_batches(config: Any, tokenizer: Any, *, rank: int, dp_world_size: in
     seconds = time.perf_counter() - first_done
     counts = loader.source_counts()
     dataset = loader.dataset
+    stream_order = distinct
+    if dataset.window_steps > 1:  # the same batches in stream order, for comparison
+        unshuffled = dataclasses.replace(t, sequence_shuffle_buffer=0)
+        plain = iter(build_dataloader(unshuffled, tokenizer, dp_rank=rank, dp_world_size=dp_world_size,
+                                      document_spans=True))  # fmt: skip
+        stream_order = [distinct_documents(next(plain)["document_span"]) for _ in distinct]
     num_docs, num_tokens = max(int(counts[0].sum()), 1), max(int(counts[1].sum()), 1)
     sources = [
         {
@@ -114,6 +126,10 @@ def inspect_batches(config: Any, tokenizer: Any, *, rank: int, dp_world_size: in
         "boundary_masked_fraction": (positions - targets) / max(positions, 1),
         "padding_fraction": 0.0,  # rows are always full: flame packs, it never pads
         "tokens_per_second": tokens / seconds if tokens and seconds > 0 else None,
+        "sequence_shuffle_window_steps": dataset.window_steps,
+        "sequence_shuffle_rows": dataset.window_steps * dataset.window_lanes,
+        "documents_per_batch": sum(distinct) / len(distinct),
+        "documents_per_batch_stream_order": sum(stream_order) / len(stream_order),
         "samples": sample_rows,
     }
 
@@ -144,6 +160,16 @@ def format_report(report: dict) -> str:
         f"packing efficiency: {report['packing_efficiency']:.2%} of label positions carry a target "
         f"({report['boundary_masked_fraction']:.2%} masked at document and piece ends, {report['padding_fraction']:.0%} padding)"
     )
+    shuffle = (
+        f"sequence shuffle: windows of {report['sequence_shuffle_window_steps']} steps, "
+        f"{report['sequence_shuffle_rows']} rows on this rank"
+        if report["sequence_shuffle_window_steps"] > 1
+        else "no sequence shuffle"
+    )
+    lines.append(
+        f"distinct documents per batch: {report['documents_per_batch']:.2f} ({shuffle}); "
+        f"{report['documents_per_batch_stream_order']:.2f} in stream order (--training.sequence_shuffle_buffer 0)"
+    )
     tps = report["tokens_per_second"]
     lines.append(f"loader throughput: {tps:,.0f} tokens/s" if tps else "loader throughput: needs --steps >= 2")
     return "\n".join(lines)
@@ -164,14 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
         from flame.config.loader import parse_args
-        from flame.config.validate import resolve_dp_shard
-        from flame.data.checks import data_problems
+        from flame.data.checks import data_problems, shuffle_problems
+        from flame.distributed.parallel_dims import resolve_dp_shard
 
         config = parse_args(rest)
         problems = data_problems(config.training, ignored_flags=True)
         if args.steps < 1:
             problems.append(f"--steps must be >= 1, got {args.steps}")
         dp_world = config.training.data_parallel_replicate_degree * resolve_dp_shard(config, args.world_size)
+        problems += shuffle_problems(config.training, dp_world)
         if not 0 <= args.rank < dp_world:
             problems.append(
                 f"--rank {args.rank} is outside the {dp_world} data-parallel ranks of --world_size {args.world_size}"

@@ -13,7 +13,14 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 import flame.distributed.titan  # noqa: F401  (patches torchtitan for CPU; import it first)
 from flame.config.errors import ConfigError
 from flame.config.schema import Training, Validation
-from flame.data.checks import data_problems, dataset_problems
+from flame.data.checks import (
+    data_problems,
+    dataset_problems,
+    shuffle_problems,
+    unfillable_buffer,
+    window_lanes,
+    window_steps,
+)
 from flame.data.documents import MapDocuments
 from flame.data.flags import DatasetFlags, training_flags, validation_flags
 from flame.data.mixing import normalize_probs, source_metrics
@@ -82,6 +89,36 @@ class FlameDataLoader(ParallelAwareDataloader):
         return source_metrics(dataset.names, dataset.probs, documents, tokens)
 
 
+def _fit_window(training: Training, dataset: PackedDataset, dp_rank: int, dp_world_size: int, workers: int) -> int:
+    """Steps of this rank's shuffle windows: those of ``--training.sequence_shuffle_buffer``, checked against
+    one epoch of every data shard of this rank (ConfigError when a set buffer does not fit; unset, the
+    automatic size shrinks to what fits)."""
+    steps, lanes = window_steps(training, dp_world_size), window_lanes(training)
+    if steps < 2:
+        return 1
+    window = training.seq_len if training.varlen else training.seq_len + 1
+    num_shards = dp_world_size * max(1, workers)
+    fit = steps
+    for shard in range(dp_rank, num_shards, dp_world_size):  # this rank's workers
+        # Every non-empty document adds at least 2 tokens (one and EOS): enough documents need no count.
+        if all(isinstance(s, MapDocuments) and s.num_docs // num_shards * 2 >= steps * lanes * window
+               for s in dataset.sources):  # fmt: skip
+            continue
+        rows = dataset.window_rows_available(shard, num_shards, steps * lanes)
+        if rows // lanes < steps and training.sequence_shuffle_buffer is not None:
+            raise ConfigError(unfillable_buffer(training, dp_world_size, shard, rows // lanes, rows))
+        fit = min(fit, rows // lanes)
+    if fit < 2:
+        logger.info("sequence shuffle off: one epoch of this rank's data holds fewer than two steps of rows")
+        return 1
+    logger.info(
+        "sequence shuffle: windows of %d steps (%d rows of %d tokens per data shard; %d over all ranks)%s",
+        fit, fit * lanes, window, fit * lanes * num_shards,
+        "" if fit == steps else ", fitted to one epoch of this rank's data",
+    )  # fmt: skip
+    return fit
+
+
 def _open_source(
     flags: DatasetFlags, training: Training, index: int, tokenizer: Any, eos_id: int, num_shards: int
 ) -> tuple[Source, Any]:
@@ -130,6 +167,7 @@ def build_dataloader(
     dp_rank: int = 0,
     dp_world_size: int = 1,
     validation: Validation | None = None,
+    document_spans: bool = False,
 ) -> FlameDataLoader:
     """Build this data-parallel rank's loader of packed token rows.
 
@@ -146,7 +184,9 @@ def build_dataloader(
         dp_rank, dp_world_size: this rank's place among the data-parallel ranks.
         validation: build the validation loader instead: the ``[validation]`` datasets (the training
             ones read with ``validation.dataset_split`` when it names none), ``validation.batch_size``,
-            no worker processes; packing, tokenization and seed as in training.
+            no worker processes, rows in stream order; packing, tokenization and seed as in training.
+        document_spans: add each row's ``document_span`` (first and last document serial numbers,
+            per data shard) to the batches, for the inspector.
 
     Raises:
         ConfigError: for bad settings, missing files, unloadable datasets, a missing or non-string
@@ -154,7 +194,8 @@ def build_dataloader(
             too few documents. Messages name the flags of the section the data came from.
     """
     flags = training_flags(training) if validation is None else validation_flags(validation, training)
-    problems = data_problems(training) + (dataset_problems(flags) if validation is not None else [])
+    problems = data_problems(training)
+    problems += shuffle_problems(training, dp_world_size) if validation is None else dataset_problems(flags)
     if not 0 <= dp_rank < dp_world_size:
         problems.append(f"data-parallel rank {dp_rank} is outside 0..{dp_world_size - 1}")
     if problems:
@@ -187,7 +228,12 @@ def build_dataloader(
         seed=training.seed,
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
+        # validation: the same rows every time, in stream order
+        window_lanes=window_lanes(training) if validation is None else batch_size,
+        document_spans=document_spans,
     )
+    if validation is None:
+        dataset.window_steps = _fit_window(training, dataset, dp_rank, dp_world_size, num_workers)
     return FlameDataLoader(
         dataset,
         dp_rank=dp_rank,

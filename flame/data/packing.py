@@ -7,13 +7,18 @@ Per data shard (data-parallel rank x dataloader worker) it draws documents from 
 * varlen: rows of ``seq_len`` tokens with per-document ``position_ids`` and -100 labels at
   boundaries, documents split into pieces of at most ``context_len`` (``flame.data.varlen``).
 
+Rows go out through the sequence shuffle (``flame.data.sequence_shuffle``): windows of
+``window_steps`` steps of ``window_lanes`` rows each, dealt out in a seeded order (one step: the
+stream order).
+
 Resume state stays small on purpose: StatefulDataLoader asks every worker for its state after
-every batch. Instead of buffered tokens we keep the source positions as they were when the
-stream was last *rebased* (whenever fewer tokens than a row are left: before yielding that
-row), those leftover tokens (the carry, less than a row), and how many tokens of the stream
-since then went into rows. Resuming restores the sources, pulls the same documents again
-(tokenization is deterministic) and skips what was used. Per-source realized counts (documents
-and tokens that went into yielded rows) are part of the state, so they resume too.
+every batch. Instead of buffered tokens we keep the packer's position at the start of the current
+window: the source positions as they were when the stream was last *rebased* (whenever fewer
+tokens than a row are left), those leftover tokens (the carry, less than a row) and how many
+tokens of the stream since then went into rows; plus the window's index and how many of its rows
+went out. Resuming restores the sources, cuts the same rows again (tokenization is deterministic),
+draws the same order and skips what went out. Per-source realized counts (documents and tokens in
+the rows handed out) are part of the state, so they resume too.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 from flame.data import documents
 from flame.data.documents import MapDocuments, ReadContext
 from flame.data.mixing import MixedReader, normalize_probs
+from flame.data.sequence_shuffle import lane_order, shard_epoch_tokens
 from flame.data.varlen import varlen_row
 
-STATE_VERSION = 2
+STATE_VERSION = 3
+PACKER_KEYS = ("reader", "carry", "carry_sources", "carry_pieces", "carry_docs", "consumed", "documents_cut")
 
 
 class _Stream:
@@ -101,6 +108,11 @@ class PackedDataset(IterableDataset):
         context_len: with varlen, the longest piece of a document in tokens (<= seq_len).
         seed: shuffling and mixing seed.
         dp_rank, dp_world_size: this rank's place among the data-parallel ranks.
+        window_steps: steps of rows a sequence-shuffle window holds (1: rows in stream order).
+        window_lanes: rows of one step per data shard (batch x gradient accumulation; per worker
+            batch_size).
+        document_spans: add ``document_span`` (the first and last document serial number of the
+            row, per data shard) to every row, for the inspector.
         max_part_chars: longer texts are tokenized piecewise, bounding memory (default:
             ``flame.data.documents.MAX_PART_CHARS``).
     """
@@ -118,6 +130,9 @@ class PackedDataset(IterableDataset):
         seed: int = 0,
         dp_rank: int = 0,
         dp_world_size: int = 1,
+        window_steps: int = 1,
+        window_lanes: int = 1,
+        document_spans: bool = False,
         max_part_chars: int | None = None,
     ) -> None:
         super().__init__()
@@ -129,6 +144,7 @@ class PackedDataset(IterableDataset):
         self.varlen = bool(varlen)
         self.context_len = int(context_len) if varlen else 0
         self.seed, self.dp_rank, self.dp_world_size = int(seed), dp_rank, dp_world_size
+        self.window_steps, self.window_lanes, self.document_spans = window_steps, window_lanes, document_spans
         self.max_part_chars = max_part_chars or documents.MAX_PART_CHARS
         self._state = self._initial_state()
         self._live: MixedReader | None = None  # the reader of the running iteration
@@ -140,6 +156,9 @@ class PackedDataset(IterableDataset):
             "reader": reader,
             **_Stream.from_state({"carry": []}).carry_state(),
             "consumed": 0,
+            "documents_cut": 0,  # document starts in the rows cut so far: the next document's serial number
+            "window": 0,
+            "taken": 0,
             "counts": {"documents": list(zeros), "tokens": list(zeros)},
         }
 
@@ -163,47 +182,98 @@ class PackedDataset(IterableDataset):
         reader.load_state_dict(self._state["reader"])
         return reader
 
+    def window_rows_available(self, shard_id: int, num_shards: int, enough: int) -> int:
+        """Rows that one epoch of this data shard's documents fills (counted up to ``enough``)."""
+        window = self.seq_len if self.varlen else self.seq_len + 1
+        contexts = [
+            ReadContext(i, shard_id, num_shards, self.seed, self.tokenizer, self.eos_id, self.max_part_chars)
+            for i in range(len(self.sources))
+        ]
+        return shard_epoch_tokens(self.sources, contexts, enough * window) // window
+
     # ---------------------------------------------------------------- iteration
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield rows forever, continuing from the current (or loaded) state."""
-        state = self._state
-        reader = self._live = self._reader(*self._shard())
-        stream = _Stream.from_state(state)
-        pos = state["consumed"]
+    def _cut(self, reader: MixedReader, packer: dict[str, Any]) -> Iterator[tuple[Any, ...]]:
+        """Rows in stream order from the position ``packer``, which is kept up to date (before each
+        yield) as a restorable position: ``(tokens (int32), piece starts, source of each token, document
+        starts, first document serial)``, the arrays copies."""
+        stream = _Stream.from_state(packer)
+        pos = packer["consumed"]
         window = self.seq_len if self.varlen else self.seq_len + 1
-        documents, tokens = state["counts"]["documents"], state["counts"]["tokens"]
-        num_sources = len(self.sources)
         while True:
             while stream.length < pos + window:
                 ids, source, offset, _ = reader.next_part()
                 stream.append(ids, source, offset, self.context_len)
             stream.flush()
             end = pos + window
-            if self.varlen:
-                row = varlen_row(stream.tokens[pos:end], stream.pieces[pos:end])
-            else:
-                window_tokens = torch.from_numpy(stream.tokens[pos:end])
-                row = {"input_ids": window_tokens[:-1], "labels": window_tokens[1:]}
-            sources = stream.sources[pos:end]
-            for i, n in enumerate(np.bincount(sources, minlength=num_sources).tolist()):
-                tokens[i] += n
-            for i, n in enumerate(np.bincount(sources[stream.docs[pos:end]], minlength=num_sources).tolist()):
-                documents[i] += n
+            starts = stream.docs[pos:end]
+            # the document of the row's first token: the one starting there, else the one before
+            first = packer["documents_cut"] - (0 if starts[0] else 1)
+            # int32 halves the memory of the shuffle windows (token ids stay far below 2**31)
+            row = (stream.tokens[pos:end].astype(np.int32), stream.pieces[pos:end].copy(),
+                   stream.sources[pos:end].copy(), starts.copy(), first)  # fmt: skip
+            packer["documents_cut"] += int(starts.sum())
             pos = end
             if stream.length - pos < window:
-                # Rebase before the yield (state_dict() is taken after it): the leftover, less than a
-                # row, becomes the carry and the sources' positions after it the snapshot.
+                # Rebase: the leftover, less than a row, becomes the carry and the sources' positions after
+                # it the snapshot.
                 stream, pos = stream.tail(pos), 0
-                state.update(reader=reader.state_dict(), consumed=0, **stream.carry_state())
+                packer.update(reader=reader.state_dict(), consumed=0, **stream.carry_state())
             else:
-                state["consumed"] = pos
+                packer["consumed"] = pos
             yield row
+
+    def _row(self, cut: tuple[Any, ...]) -> dict[str, torch.Tensor]:
+        tokens, pieces, _, starts, first = cut
+        if self.varlen:
+            row = varlen_row(tokens, pieces)
+        else:
+            window_tokens = torch.from_numpy(tokens.astype(np.int64))
+            row = {"input_ids": window_tokens[:-1], "labels": window_tokens[1:]}
+        if self.document_spans:
+            row["document_span"] = torch.tensor([first, first + int(starts[1:].sum())])  # serials of its documents
+        return row
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield rows forever, continuing from the current (or loaded) state."""
+        state = self._state
+        shard_id, num_shards = self._shard()
+        reader = self._live = self._reader(shard_id, num_shards)
+        packer = {k: state[k] for k in PACKER_KEYS}  # the live cut position, ahead of state
+        rows = self._cut(reader, packer)
+        steps, width = self.window_steps, self.window_lanes
+        lanes = [shard_id + num_shards * i for i in range(width)]  # positions in the global batch
+        documents, tokens = state["counts"]["documents"], state["counts"]["tokens"]
+        num_sources = len(self.sources)
+        size = steps * width
+        window = [next(rows) for _ in range(size)]
+        while True:
+            # The next window is cut one row per row handed out (a worker's work stays even, overlapping
+            # training); its start is where this window's rows end.
+            upcoming: list[tuple[Any, ...]] = []
+            upcoming_start = {key: packer[key] for key in PACKER_KEYS}
+            order = lane_order(self.seed, state["window"], steps, lanes)
+            for k in range(state["taken"], size):
+                while len(upcoming) <= k:  # after a resume in mid-window: catch up once
+                    upcoming.append(next(rows))
+                cut = window[order[k]]
+                sources = cut[2]
+                for i, n in enumerate(np.bincount(sources, minlength=num_sources).tolist()):
+                    tokens[i] += n
+                for i, n in enumerate(np.bincount(sources[cut[3]], minlength=num_sources).tolist()):
+                    documents[i] += n
+                if k + 1 < size:
+                    state["taken"] = k + 1
+                else:  # the window is out (state_dict() is taken after the yield): the next one starts
+                    state.update(window=state["window"] + 1, taken=0, **upcoming_start)
+                yield self._row(cut)
+            window = upcoming
 
     # -------------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
-        """This shard's position: source snapshot, carry, tokens used since, realized counts."""
+        """This shard's position: the packer's position at the window's start (source snapshot, carry,
+        tokens used since), the window's index and rows handed out of it, realized counts."""
         state = self._state
         shard = list(self._shard())
         return {
@@ -216,17 +286,25 @@ class PackedDataset(IterableDataset):
             "seed": self.seed,
             "shard": shard,
             "packing": [self.seq_len, self.context_len],
+            "window_shape": [self.window_steps, self.window_lanes],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a position saved by ``state_dict``; the next ``iter()`` continues there.
 
         Raises ValueError when the state belongs to other data (sources, document counts, seed),
-        another sharding (ranks x workers) or other packing settings.
+        another sharding (ranks x workers), other packing settings or, in the middle of a window,
+        another shuffle window. States of versions 1 and 2 (no sequence shuffle) resume at their
+        position with a new window.
         """
-        if int(state.get("version", 1)) == 1:
+        version = int(state.get("version", 1))
+        if version == 1:
             state = _from_version_1(state, self)
+        if version < 3:
+            state = {**state, "documents_cut": 0, "window": 0, "taken": 0}
         expected = {"seed": self.seed, "shard": list(self._shard()), "packing": [self.seq_len, self.context_len]}
+        if state["taken"]:  # rows of the window went out: only the same window can continue it
+            expected["window_shape"] = [self.window_steps, self.window_lanes]
         wrong = [f"{k}: saved {state.get(k)}, now {v}" for k, v in expected.items() if state.get(k) != v]
         saved_sources = state["reader"]["sources"]
         if len(saved_sources) != len(self.sources):
@@ -237,8 +315,7 @@ class PackedDataset(IterableDataset):
         if wrong:
             raise ValueError(f"data loader state does not match this data/sharding ({', '.join(wrong)})")
         self._live = None
-        keys = ("reader", "carry", "carry_sources", "carry_pieces", "carry_docs", "consumed")
-        self._state = {k: state[k] for k in keys}
+        self._state = {k: state[k] for k in (*PACKER_KEYS, "window", "taken")}
         self._state["counts"] = {k: [int(x) for x in v] for k, v in state["counts"].items()}
 
 

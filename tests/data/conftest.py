@@ -82,12 +82,14 @@ def corpus(tmp_path_factory):
 
 
 def training_config(**overrides) -> Training:
-    """flame's ``[training]`` section with small rows and batches (and seed 0), plus ``overrides``."""
+    """flame's ``[training]`` section with small rows and batches (and seed 0), plus ``overrides``.
+
+    Rows come in stream order (``sequence_shuffle_buffer`` 0) unless a test sets it, so that a test can
+    read the document stream back from the rows; the shuffle's own tests (test_data_shuffle.py) turn it on."""
     from flame.config.schema import Training
 
-    return dataclasses.replace(
-        Training(), **{"batch_size": 2, "seq_len": 32, "context_len": 32, "seed": 0, **overrides}
-    )
+    small = {"batch_size": 2, "seq_len": 32, "context_len": 32, "seed": 0, "sequence_shuffle_buffer": 0}
+    return dataclasses.replace(Training(), **{**small, **overrides})
 
 
 @pytest.fixture

@@ -102,12 +102,17 @@ context_len = 16
     assert 0.8 < report["packing_efficiency"] < 1.0 and report["padding_fraction"] == 0.0
     assert report["tokens_per_second"] > 0
     assert report["samples"] and all(seg["text"] for row in report["samples"] for seg in row)
+    # distinct documents per batch, with the (automatic) sequence shuffle and in stream order
+    assert report["sequence_shuffle_window_steps"] >= 2
+    assert report["documents_per_batch"] > report["documents_per_batch_stream_order"] >= 1
     from flame.data.inspect import main
 
     assert main(["--job.config_file", str(toml), "--steps", "3"]) == 0
     human = capsys.readouterr().out
     assert re.search(r"(document|piece) boundary", human)
     assert "packing efficiency" in human and "tokens/s" in human
+    assert re.search(r"distinct documents per batch: [\d.]+ \(sequence shuffle: windows of \d+ steps", human)
+    assert "in stream order (--training.sequence_shuffle_buffer 0)" in human
     assert "tokenized" in human and "75.0%" in human
     assert main(["--job.config_file", str(toml), "--training.data_probs", "1,-1"]) == 2
     err = capsys.readouterr().err
