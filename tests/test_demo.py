@@ -54,7 +54,7 @@ def test_readme_train_commands_are_valid_configs():
     assert len(commands) >= 8
     assert any("--job.config_file flame/models/fla.toml" in c for c in commands)  # the upstream README's command
     for command in commands:
-        words = shlex.split(command)
+        words = shlex.split(command, comments=True)
         env = dict(w.split("=", 1) for w in words[: words.index("bash")] if "=" in w)
         argv = words[words.index("train.sh") + 1 :]
         if argv in (["-h"], ["--help"]):
