@@ -49,6 +49,10 @@ def plan(spec: str | os.PathLike | dict | Experiment, launcher: str | None = Non
     exp = _spec(spec, launcher)
     states = precheck(exp)
     result = build(exp, states, Records(exp.root), planned=True)
+    for state, st in zip(states, result["stages"], strict=True):
+        describe = getattr(state.scheduler, "describe", None)
+        if describe is not None:  # a trial scheduler: its brackets and rungs
+            st["scheduler"] = describe()
     result["launch"] = launch_plan(exp, result)
     return result
 
@@ -74,6 +78,14 @@ def launch_plan(exp: Experiment, result: dict[str, Any]) -> list[str]:
             lines.append(f"stage {stage.name}: expands when {', '.join(st['waiting_for'])} is complete ({links})")
             continue
         more = ""
+        sched = st.get("scheduler")
+        if sched:
+            unit = sched["unit"]
+            for b in sched["brackets"]:
+                rungs = ", ".join(f"{r['trials']} x {r['resource']:g} {unit}" for r in b["rungs"])
+                lines.append(f"stage {stage.name}: {sched['kind']} bracket s={b['s']}: {rungs}")
+            n = sum(b["rungs"][0]["trials"] for b in sched["brackets"])
+            more = f"; {sched['kind']} over {n} of {sched['pool']} configurations (rung metric {sched['rung_metric']})"
         if stage.search and stage.search.kind not in ("grid", "random"):
             more = f"; {stage.search.kind} asks {stage.search.samples} points in rounds (after each round's results)"
         if exp.launcher == "slurm":

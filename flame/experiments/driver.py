@@ -69,9 +69,10 @@ def walk(
         state.scheduler = make_scheduler(ctx)
         _run_stage(ctx, state, mode, launcher, retry_failed, device_type)
         if state.scheduler.done():
-            view = StageView(
-                stage, list(state.outcomes.values()), survivors(stage, list(state.outcomes.values()), direction)
-            )
+            # A trial scheduler says which trials went to the end (the others stopped at a rung).
+            final = getattr(state.scheduler, "final_outcomes", None)
+            outs = final() if final is not None else list(state.outcomes.values())
+            view = StageView(stage, outs, survivors(stage, outs, direction))
             state.view = views[stage.name] = view
             if mode != "readonly" and not any(
                 e["event"] == "stage"
@@ -95,6 +96,7 @@ def _run_stage(
     while True:
         items = sched.ready()
         validate_trials(ctx.exp, [i.trial for i in items], device_type)
+        observed = 0
         for item in items:
             outcome = ctx.outcome(item.trial)
             if outcome.status == "failed" and retry_failed and item.key not in retried:
@@ -105,9 +107,12 @@ def _run_stage(
                 _observe(ctx, item, outcome, records, mode)
                 state.outcomes[item.trial.id] = outcome
                 sched.finished(item, outcome)
+                observed += 1
                 continue
             queue.append(item)
         if mode != "local":
+            if observed:  # finished work may let the scheduler hand out more (a next round or rung): replay on
+                continue
             state.to_launch = list(queue)
             return
         _check_failures(ctx, state, launcher)

@@ -55,6 +55,15 @@ class Scheduler(Protocol):
 # kind -> (check(stage, where, add), factory(context) -> Scheduler)
 _SCHEDULERS: dict[str, tuple[Callable[..., None], Callable[..., Scheduler]]] = {}
 _REPORTS: list[Callable[[Any, dict[str, Any]], Any]] = []
+# Imported (by name) on the first lookup of a scheduler kind: they register theirs (sha, hyperband, asha).
+SCHEDULER_MODULES = ["flame.experiments.schedulers"]
+
+
+def _load_schedulers() -> None:
+    import importlib
+
+    for module in SCHEDULER_MODULES:
+        importlib.import_module(module)
 
 
 def register_scheduler(kind: str, check: Callable[..., None], factory: Callable[..., Scheduler]) -> None:
@@ -64,6 +73,7 @@ def register_scheduler(kind: str, check: Callable[..., None], factory: Callable[
 
 
 def check_scheduler(stage: Any, where: str, add: Callable[[str, str], None]) -> None:
+    _load_schedulers()
     kind = (stage.scheduler or {}).get("kind")
     if kind not in _SCHEDULERS:
         known = ", ".join(sorted(_SCHEDULERS)) or "none is installed"
@@ -75,6 +85,7 @@ def check_scheduler(stage: Any, where: str, add: Callable[[str, str], None]) -> 
 def scheduler_factory(stage: Any) -> Callable[..., Scheduler] | None:
     if stage.scheduler is None:
         return None
+    _load_schedulers()
     return _SCHEDULERS[stage.scheduler["kind"]][1]
 
 

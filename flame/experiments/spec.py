@@ -91,6 +91,7 @@ class Experiment:
     mode: str = "min"
     launcher: str = "local"
     max_parallel: int = 1
+    budget: float | None = None  # total steps or tokens of the scheduled stages (their resource), cool-downs included
     description: str = ""
     slurm: Slurm = field(default_factory=Slurm)
     stages: list[Stage] = field(default_factory=list)
@@ -310,6 +311,10 @@ def load_spec(source: str | os.PathLike | dict[str, Any], launcher: str | None =
     if exp.launcher not in ("local", "slurm"):
         problems.add("--launcher", f"{exp.launcher!r} is not a launcher; choose local or slurm")
     exp.max_parallel = _int(top, "max_parallel", 1, "[experiment]", problems) or 1
+    budget = top.get("budget")
+    if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0):
+        problems.add("[experiment] budget", f"must be a positive number of steps or tokens, got {budget!r}")
+    exp.budget = budget
     slurm = top.get("slurm", {})
     if not isinstance(slurm, dict):
         problems.add("[experiment.slurm]", "must be a table")
@@ -329,6 +334,14 @@ def load_spec(source: str | os.PathLike | dict[str, Any], launcher: str | None =
         stages = []
     exp.stages = [s for i, t in enumerate(stages) if (s := _stage(t, i, problems)) is not None]
     _check_stage_rules(exp, problems)
+    if exp.budget is not None:
+        units = {(st.scheduler or {}).get("resource", "steps") for st in exp.stages if st.scheduler is not None}
+        if not units:
+            problems.add("[experiment] budget", "applies to stages with a scheduler, and no stage has one")
+        elif len(units) > 1:
+            problems.add(
+                "[experiment] budget", "the scheduled stages count their resource in steps and in tokens; use one"
+            )
     if exp.launcher == "slurm" and shutil.which("sbatch") is None:
         problems.add(
             "launcher", "'slurm' needs Slurm's sbatch on the PATH, and there is none here; use --launcher local"

@@ -31,7 +31,10 @@ def trial_row(state: StageState, trial, records: Records, planned: bool, metric:
         if trial.id not in [o.trial.id for o in state.view.survivors]:
             status = "masked"
     end = records.last("end", trial.stage, trial.id)
-    return {
+    extra = state.scheduler.row(trial.id) if hasattr(state.scheduler, "row") else {}
+    if extra.get("status") in ("stopped", "failed") and status == "done":
+        status = extra["status"]  # stopped at its rung, or its cool-down fork failed
+    row = {
         "id": trial.id,
         "contender": trial.contender,
         "params": trial.params,
@@ -44,6 +47,9 @@ def trial_row(state: StageState, trial, records: Records, planned: bool, metric:
         "exit_code": outcome.exit_code,
         "seconds": end.get("seconds") if end else None,
     }
+    if extra:  # a scheduled stage: the rung reached (and bracket), steps of the maximum resource
+        row.update({k: v for k, v in extra.items() if k != "status"})
+    return row
 
 
 def build(exp: Experiment, states: list[StageState], records: Records, planned: bool = False) -> dict[str, Any]:
@@ -92,13 +98,19 @@ def table(status: dict[str, Any]) -> str:
         lines.append(
             f"{head}: {len(stage['trials'])} trials, " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         )
-        rows = [["", "trial", "contender", "status", "step", "metric", "params"]]
+        rungs = any("rung" in t for t in stage["trials"])
+        rows = [["", "trial", "contender", "status", "step", "metric", "params"] + (["rung"] if rungs else [])]
         for t in stage["trials"]:
             params = " ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in t["params"].items())
             metric = _fmt(t["metric"]) if t["metric"] is not None else "-"
             step = f"{t['step']}/{t['steps']}" if t["steps"] else str(t["step"] or "-")
             mark = "*" if t["id"] == stage["best"] else ""
-            rows.append([mark, t["id"], t["contender"] or "-", t["status"], step, metric, params])
+            rung = (
+                []
+                if not rungs
+                else [str(t.get("rung", "-")) + (f" (bracket {t['bracket']})" if "bracket" in t else "")]
+            )
+            rows.append([mark, t["id"], t["contender"] or "-", t["status"], step, metric, params, *rung])
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

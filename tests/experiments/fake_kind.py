@@ -19,6 +19,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class FakeTrainKind(StageKind):
     name = "fake"
 
+    def validate(self, trial, device_type, where):
+        """The train kind's checks, but a fork's source is the fake trainer's (no DCP metadata to read)."""
+        import dataclasses
+
+        if trial.config is not None and trial.config.checkpoint.fork_from:
+            ck = dataclasses.replace(trial.config.checkpoint, fork_from="")
+            trial = dataclasses.replace(trial, config=dataclasses.replace(trial.config, checkpoint=ck))
+        super().validate(trial, device_type, where)
+
     def command(self, trial):
         return [sys.executable, os.path.join(HERE, "fake_trainer.py"), os.path.join(trial.folder, "config.toml")]
 
