@@ -138,6 +138,20 @@ def build_loss(config: JobConfig, model: BuiltModel, parallel_dims: Any, device:
     )
 
 
+def build_distillation(
+    config: JobConfig, loss: MicroBatchLoss, tokenizer: Any, parallel_dims: Any, model: BuiltModel, layout: Any
+) -> MicroBatchLoss:
+    """With ``[distill]`` set, the distilling loss around ``loss`` (the teacher built on the student's mesh,
+    or the offline cache); without, ``loss`` itself."""
+    from flame.distill.checks import enabled
+
+    if not enabled(config.distill):
+        return loss
+    from flame.distill.mode import build_distill_loss
+
+    return build_distill_loss(config, loss, tokenizer, parallel_dims, model, layout)
+
+
 @dataclass(frozen=True)
 class StepOptions:
     """How the optimizer step runs beyond the loss: the backward's context and float8's scale precompute."""
@@ -195,9 +209,14 @@ def build_checkpointing(
     lr_schedulers: Any,
     dataloader: Any,
     device: torch.device,
+    loss: MicroBatchLoss | None = None,
 ) -> tuple[TrainState, Checkpointer, FaultHandler]:
     """The train state, the checkpointer that saves and resumes it with everything else, and the fault
-    handler (preemption signals, the divergence stop)."""
+    handler (preemption signals, the divergence stop). A distilling ``loss`` gives the record every
+    checkpoint keeps (teacher and loss settings); any run refuses a checkpoint whose record differs."""
+    from flame.distill.mode import record_problems
+
+    record = loss.record() if loss is not None and hasattr(loss, "record") else None
     state = TrainState()
     checkpointer = Checkpointer(
         config,
@@ -207,6 +226,8 @@ def build_checkpointing(
         dataloader=dataloader,
         train_state=state,
         device=device,
+        record=record,
+        record_problems=lambda stored, path: record_problems(stored, record, path),
     )
     fault = FaultHandler(config, rank=dist.get_rank(), world_size=dist.get_world_size())
     return state, checkpointer, fault

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 import flame.distributed.titan  # noqa: F401  (before any torchtitan import)
 from flame.builders import (
     build_checkpointing,
+    build_distillation,
     build_loss,
     build_metrics,
     build_model,
@@ -68,6 +69,10 @@ class Trainer:
             self.built = build_model(config, self.tokenizer, self.parallel_dims, self.device)
             self.model, self.model_parts, self.pipeline = self.built.parts[0], self.built.parts, self.built.pipeline
             self.loss = build_loss(config, self.built, self.parallel_dims, self.device)
+            # distillation: (1 - alpha) CE + alpha KD, the teacher on the same mesh (flame/distill/mode.py)
+            self.loss = build_distillation(
+                config, self.loss, self.tokenizer, self.parallel_dims, self.built, self.layout
+            )
             self.options = step_options(config)
             self.dataloader = build_dataloader(
                 t, self.tokenizer, dp_rank=self.layout.dp_rank, dp_world_size=self.layout.dp_world_size
@@ -76,7 +81,7 @@ class Trainer:
             self.validator = build_validator(config, self.tokenizer, self.layout, self.device, self.built.shard_batch)
             self.optimizers, self.lr_schedulers = build_optimizer(self.model_parts, config)
             self.state, self.checkpointer, self.fault = build_checkpointing(
-                config, self.model_parts, self.optimizers, self.lr_schedulers, self.dataloader, self.device
+                config, self.model_parts, self.optimizers, self.lr_schedulers, self.dataloader, self.device, self.loss
             )
             torch.manual_seed(t.seed + self.rank)  # dropout differs per rank; restored on resume
             self.checkpointer.load()  # resume, or initial weights from step-0 or a Hugging Face folder
@@ -135,6 +140,14 @@ class Trainer:
             loss_sum = self.loss.eval_loss_sum(batch)
         return loss_sum.full_tensor() if isinstance(loss_sum, DTensor) else loss_sum
 
+    @torch.no_grad()
+    def eval_sums(self, batch: dict[str, torch.Tensor]) -> Any:
+        """``eval_loss_sum``, or with a distilling loss its validation sums (loss, KL to the teacher, ...)."""
+        if self.pipeline is not None or not hasattr(self.loss, "eval_sums"):
+            return self.eval_loss_sum(batch)
+        with self.loss.context():
+            return self.loss.eval_sums(batch)
+
     @functools.cached_property
     def model_parameters(self) -> list[torch.Tensor]:
         """The model's parameters, listed once at the first step: they keep their identity from then on
@@ -143,6 +156,7 @@ class Trainer:
 
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         t = self.config.training
+        self.loss.begin_step(self.state.step, batches)  # before sharding (a distiller's cached targets)
         batches = [self.shard_batch(b) for b in batches]
         local_tokens = sum(int(num_targets(b["labels"])) for b in batches)
         num_tokens = torch.tensor(float(local_tokens), device=self.device)
@@ -167,6 +181,7 @@ class Trainer:
         self.optimizers.zero_grad()
         return {
             "loss_sum": loss_sum,
+            "terms": self.loss.take_terms(),  # sums of the loss's parts (a distiller's ce_loss, kd_loss)
             "num_tokens": num_tokens,
             "grad_norm": grad_norm,
             "local_tokens": local_tokens,
@@ -209,6 +224,8 @@ class Trainer:
             window["loss"] += out["loss_sum"] / out["num_tokens"]  # this rank's share of the step's mean
             window["rank_loss"] += out["loss_sum"] / max(out["local_tokens"], 1)  # this rank's own mean
             window["global_tokens"] += out["num_tokens"]
+            for name, value in out["terms"].items():
+                window.setdefault(name, torch.zeros((), device=self.device)).add_(value / out["num_tokens"])
             if step == start_step + 1:
                 set_collective_timeout(self.config.comm.train_timeout_seconds)
             is_last = step == t.steps
@@ -216,7 +233,8 @@ class Trainer:
             stop = self.fault.after_step(step, skipped=out["skipped"], is_last=is_last)
             extra = {}
             if self.validator is not None and self.validator.should_run(step, is_last):
-                extra = self.validator.validate(self.model_parts, self.eval_loss_sum)
+                extra = self.validator.validate(self.model_parts, self.eval_sums)
+                self.loss.validated()
                 self.last_validation = extra
             if step % m.log_freq == 0 or is_last or extra or stop:
                 last = self._log(step, lr, out, window, run_start, extra)
@@ -254,10 +272,13 @@ class Trainer:
         with ``log_freq`` 1) and its maximum over ranks, the last step's gradient norm and lr,
         throughput, FLOPs, memory and time."""
         loss, rank_loss = window["loss"].clone(), window["rank_loss"].clone()
+        terms = {name: window[name].clone() for name in out["terms"]}
         loss_mesh = self.layout.loss_mesh
         if loss_mesh is not None:
             dist.all_reduce(loss, group=loss_mesh.get_group())
             dist.all_reduce(rank_loss, op=dist.ReduceOp.MAX, group=loss_mesh.get_group())
+            for value in terms.values():
+                dist.all_reduce(value, group=loss_mesh.get_group())
         self._flush_tokens(window)
         num_steps = step - window["step"]
         now = time.perf_counter()
@@ -268,6 +289,8 @@ class Trainer:
             "step": step,
             "loss": loss.item() / num_steps,
             "loss_max": rank_loss.item() / num_steps,
+            **{name: value.item() / num_steps for name, value in terms.items()},
+            **self.loss.step_values(),
             "grad_norm": out["grad_norm"].item(),
             "lr": lr,
             "tokens_per_second": tokens_per_second,

@@ -33,6 +33,7 @@ torchtitan's manager writes and reads the folders; flame decides around it, thin
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import shutil
@@ -52,6 +53,7 @@ from flame.utils._checkpoint_io import available_steps, incomplete_steps, is_mod
 from torchtitan.components.checkpointer import CheckpointManager
 
 logger = logging.getLogger("flame")
+RECORD = "record.json"  # a checkpoint's notes beside its tensors (see Checkpointer)
 
 
 class CheckpointSaveError(RunError):
@@ -140,9 +142,23 @@ class Checkpointer:
     """When to save (every N steps or seconds, and at the end), what to resume from, what to keep."""
 
     def __init__(
-        self, config: JobConfig, *, model, optimizers, lr_schedulers, dataloader, train_state: TrainState, device
+        self,
+        config: JobConfig,
+        *,
+        model,
+        optimizers,
+        lr_schedulers,
+        dataloader,
+        train_state: TrainState,
+        device,
+        record: dict[str, Any] | None = None,
+        record_problems: Any = None,
     ):
+        """``record``: what every checkpoint of this run notes beside its tensors (``record.json``: the
+        distillation teacher and loss, or nothing); ``record_problems(stored, path)``: why a checkpoint whose
+        record is ``stored`` (None: it has none) cannot be resumed by this run (checked before loading)."""
         ck = config.checkpoint
+        self.record, self.record_problems = record, record_problems
         self.enabled = ck.enable_checkpoint and not ck.create_seed_checkpoint
         self.folder = os.path.join(config.job.dump_folder, ck.folder)
         self.interval_type = ck.interval_type
@@ -235,6 +251,16 @@ class Checkpointer:
         for part in self.model_parts:
             match_keys(part, stored, path, fix, allow_extra=self.pipelined)
 
+    def _check_record(self, path: str) -> None:
+        file = os.path.join(path, RECORD)
+        stored = None
+        if os.path.isfile(file):
+            with open(file) as f:
+                stored = json.load(f)
+        problems = self.record_problems(stored, path)
+        if problems:
+            raise ConfigError(problems)
+
     def load(self) -> bool:
         """Restore the run's state, or set initial weights; False when training starts from scratch.
 
@@ -246,6 +272,8 @@ class Checkpointer:
         """
         step = _on_rank0(self._step_to_load) if self.enabled else None
         if step is not None:
+            if step > 0 and self.record_problems is not None:
+                _on_rank0(lambda: self._check_record(os.path.join(self.folder, f"step-{step}")))
             self._check_fits_model(os.path.join(self.folder, f"step-{step}"))
             self.manager.load(step=step)
             self.loaded_from = "initial weights from step-0" if step == 0 else f"resumed at step {step}"
@@ -320,6 +348,10 @@ class Checkpointer:
         self.manager.maybe_wait_for_saving()
         if dist.get_rank() == 0:
             self._remove_from(step)
+            if self.record is not None:  # beside the tensors DCP writes next (its .metadata comes last)
+                os.makedirs(os.path.join(self.folder, f"step-{step}"), exist_ok=True)
+                with open(os.path.join(self.folder, f"step-{step}", RECORD), "w") as f:
+                    json.dump(self.record, f, indent=1)
         dist.barrier()
         self.manager.save(step, last_step=last_step)
         self._purge()

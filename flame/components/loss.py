@@ -82,6 +82,22 @@ class MicroBatchLoss:
         distiller overrides to add a KD term computed from the same ``logits`` and ``batch``."""
         return token_loss_sum(logits, labels)
 
+    def begin_step(self, step: int, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Called before the micro-batches of optimizer step ``step`` run, with the loader batches (before
+        any context-parallel sharding); a distiller reads its cached teacher targets here."""
+
+    def take_terms(self) -> dict[str, torch.Tensor]:
+        """The sums over target tokens of the loss's parts since ``begin_step`` (``{}``: the loss is one
+        term); the trainer logs each per target token, like the loss."""
+        return {}
+
+    def step_values(self) -> dict[str, float]:
+        """Numbers the loss logs as they are at the step (a distiller's alpha)."""
+        return {}
+
+    def validated(self) -> None:
+        """Called after each validation."""
+
     def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The summed token loss of ``batch`` alone (validation), without what ``loss_sum`` adds."""
         return token_loss_sum(self.logits(batch), self.labels(batch))

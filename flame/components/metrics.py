@@ -127,6 +127,7 @@ class MetricsLogger:
         parts = [
             paint("step", f"step {r['step']:>{width}}/{self.total_steps}"),
             paint("loss", f"loss {r['loss']:.4f} (max {r['loss_max']:.4f})"),
+            *([f"ce {r['ce_loss']:.4f} kd {r['kd_loss']:.4f} alpha {r['alpha']:.2f}"] if "kd_loss" in r else []),
             paint("grad_norm", f"grad_norm {r['grad_norm']:.3f}"),
             paint("lr", f"lr {r['lr']:.2e}"),
             paint("speed", f"tok/s/device {r['tokens_per_second']:,.0f}"),
@@ -144,6 +145,13 @@ class MetricsLogger:
         logger.info("  ".join(parts))
         if "validation_loss" in r:
             text = f"validation loss {r['validation_loss']:.4f}  perplexity {r['validation_perplexity']:.2f}"
+            if "validation_kl_to_teacher" in r:  # distillation (flame/distill/mode.py)
+                text += (
+                    f"  KL to teacher {r['validation_kl_to_teacher']:.4f}  top-1 agreement "
+                    f"{100 * r['validation_teacher_agreement']:.1f}%"
+                )
+            if "validation_teacher_loss" in r:
+                text += f"  teacher's loss {r['validation_teacher_loss']:.4f}"
             logger.info(paint("validation", f"step {r['step']:>{width}}/{self.total_steps}  {text}"))
 
     def summary(self, summary: dict[str, Any]) -> None:

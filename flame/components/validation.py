@@ -57,7 +57,10 @@ class Validator:
         """``{"validation_loss", "validation_perplexity", "validation_tokens"}`` over the fixed batches.
 
         ``loss_sum(batch)`` is the trainer's summed token loss of a batch under its layout (loss
-        parallel, pipeline schedule, ...), the same value on every rank of a data-parallel replica.
+        parallel, pipeline schedule, ...), the same value on every rank of a data-parallel replica; or a
+        dict of sums over the batch's target tokens with the loss under ``"loss"``: every other entry is
+        reduced the same way and reported per target token as ``validation_<name>`` (a distiller's KL to
+        the teacher, top-1 agreement, the teacher's own loss).
         With ``bytes_of(batch)`` (the UTF-8 bytes of a loader batch's target text; flame.evaluate
         passes it) also ``validation_bytes`` and ``validation_bits_per_byte``: the summed loss in bits
         over the bytes, a number that does not depend on the tokenizer."""
@@ -65,6 +68,7 @@ class Validator:
         for part in model_parts:
             part.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, target tokens, bytes
+        extra: dict[str, torch.Tensor] = {}
         # The loss group spans data- and context-parallel ranks; the cp ranks of a replica share a batch.
         group_size = self.loss_mesh.size() if self.loss_mesh is not None else 1
         share = group_size // max(self.dp_world_size, 1)
@@ -74,8 +78,18 @@ class Validator:
             if bytes_of is not None:
                 totals[2] += bytes_of(raw) / share
             batch = self.shard_batch(raw)
-            totals[0] += loss_sum(batch).double()
+            sums = loss_sum(batch)
+            if isinstance(sums, dict):
+                for name, value in sums.items():
+                    if name != "loss":
+                        extra.setdefault(name, torch.zeros((), dtype=torch.float64, device=self.device))
+                        extra[name] += value.double()
+                sums = sums["loss"]
+            totals[0] += sums.double()
             totals[1] += num_targets(batch["labels"]).item()
+        names = sorted(extra)
+        if names:
+            totals = torch.cat([totals, torch.stack([extra[n] for n in names])])
         if self.loss_mesh is not None:
             dist.all_reduce(totals, group=self.loss_mesh.get_group())
         for part, mode in zip(model_parts, modes, strict=True):
@@ -86,6 +100,8 @@ class Validator:
             "validation_perplexity": math.exp(min(loss, 700.0)),
             "validation_tokens": int(totals[1].item()),
         }
+        for i, name in enumerate(names):
+            out[f"validation_{name}"] = (totals[3 + i] / totals[1]).item()
         if bytes_of is not None:
             out["validation_bytes"] = round(totals[2].item())
             out["validation_bits_per_byte"] = (totals[0] / totals[2]).item() / math.log(2)

@@ -122,7 +122,7 @@ def _vocabulary_problems(config: Any, world_size: int) -> list[str]:
     elif d.teacher_step != -1:
         problems.append("--distill.teacher_step only applies with --distill.teacher (a flame run folder)")
     if d.teacher_cache:
-        from flame.distill.cache import cache_problems
+        from flame.distill.cache_io import cache_problems
 
         problems += cache_problems(config, world_size, tokenizer)
     return problems

@@ -12,7 +12,8 @@ import torch
 from flame.config.errors import ConfigError
 from flame.config.loader import parse_args
 from flame.config.validate import validate
-from flame.distill.cache import TeacherCache, main
+from flame.distill.cache import main
+from flame.distill.cache_io import TeacherCache
 from flame.distill.losses import KDSpec, kd_loss_sum, topk_targets
 from flame.distill.source import resolve_teacher
 from flame.distill.teacher import Teacher
