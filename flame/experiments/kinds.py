@@ -3,7 +3,8 @@
 ``train`` (default): a training run, ``bash train.sh --job.config_file <trial>/config.toml``.
 ``evaluate``: ``python -m flame.evaluate`` on a linked checkpoint or Hugging Face folder.
 ``python``: a user's ``module:function`` called with the trial's values (``flame.experiments.pyrun``).
-Another package adds a kind with ``register_stage_kind`` (the distillation stage does): a kind declares
+``distill``: a training run distilled from ``teacher`` (a run or Hugging Face folder, usually a link).
+Another package adds a kind with ``register_stage_kind``: a kind declares
 its extra stage keys, checks them, resolves a trial's config or values, and names its command.
 """
 
@@ -208,7 +209,33 @@ class PythonKind(StageKind):
             raise ConfigError(f"{where}: {trial.values['function']!r} is not callable")
 
 
-_KINDS: dict[str, StageKind] = {k.name: k for k in (StageKind(), EvaluateKind(), PythonKind())}
+class DistillKind(StageKind):
+    """``kind = "distill"``: training runs distilled from ``teacher`` (``--distill.teacher``): a flame run folder
+    or a Hugging Face folder, usually linked (``{ link = "teacher", field = "dump_folder", pick = "best" }``:
+    the best teacher trial's run, its latest checkpoint read from DCP). α, T, the loss and every other
+    ``distill.*`` key are config keys: set in ``override``, searched in ``space``, reduced like any stage."""
+
+    name = "distill"
+    keys = ("teacher",)
+
+    def check_stage(self, stage: Any, where: str, add: Add) -> None:
+        super().check_stage(stage, where, add)
+        teacher = stage.options.get("teacher")
+        if teacher is None:
+            add(where, "teacher (a flame run folder, a Hugging Face folder, or a link to the teacher stage) is missing")
+        elif not isinstance(teacher, (str, Link)):
+            add(f"{where} teacher", f"expected a path or a link, got {teacher!r}")
+        for table in [stage.override, stage.space, *[c.override for c in stage.contenders]]:
+            for key in ("distill.teacher", "distill.teacher_cache"):
+                if key in table:
+                    add(where, f"{key!r} is set by the stage's teacher key in a distill stage; remove it")
+
+    def resolve(self, stage: Any, base_path: str, values: dict[str, Any], where: str) -> tuple[Any, dict, Any]:
+        teacher = values.pop("teacher")
+        return super().resolve(stage, base_path, {**values, "distill.teacher": teacher}, where)
+
+
+_KINDS: dict[str, StageKind] = {k.name: k for k in (StageKind(), EvaluateKind(), PythonKind(), DistillKind())}
 # Modules imported on the first lookup of a kind: each registers its kinds (e.g. a distill stage). The
 # environment variable FLAME_STAGE_KINDS adds more (a comma list of modules of the user's own packages).
 PLUGIN_MODULES: list[str] = []
