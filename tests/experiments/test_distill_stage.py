@@ -69,8 +69,8 @@ def test_distill_stage_needs_its_teacher(write_spec):
     from flame.experiments import api
 
     no_teacher = SPEC.replace('teacher = { link = "teacher", field = "dump_folder", pick = "best" }\n', "")
-    with pytest.raises(ConfigError, match="teacher .* is missing"):
+    with pytest.raises(ConfigError, match=r"teacher .* is missing"):
         api._spec(str(write_spec(no_teacher)), None)
     twice = SPEC.replace('"distill.loss" = "jsd"', '"distill.teacher" = "x", "distill.loss" = "jsd"')
-    with pytest.raises(ConfigError, match="'distill.teacher' is set by the stage's teacher key"):
+    with pytest.raises(ConfigError, match=r"'distill\.teacher' is set by the stage's teacher key"):
         api._spec(str(write_spec(twice)), None)
