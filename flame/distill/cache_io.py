@@ -64,6 +64,10 @@ def data_settings(config: Any, world_size: int) -> dict[str, Any]:
 
 def read_meta(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, "meta.json")
+    if not os.path.isdir(folder):
+        raise ConfigError(
+            f"--distill.teacher_cache {folder!r} does not exist; write it with python -m flame.distill.cache"
+        )
     if not os.path.isfile(path):
         raise ConfigError(
             f"--distill.teacher_cache {folder!r} holds no meta.json; write it with python -m flame.distill.cache"

@@ -22,7 +22,7 @@ BAD = [
     ("schedule-flag", {"distill.alpha_end": "0.2"}, "--distill.alpha_end only applies with --distill.alpha_schedule wsd"),
     ("wsd-overlap", {"distill.alpha_schedule": "wsd", "distill.alpha_warmup_steps": "8", "distill.alpha_decay_ratio": "0.5"}, "overlap: together they exceed --training.steps 10"),
     ("pipeline", {"experimental.pipeline_parallel_degree": "2", "training.data_parallel_shard_degree": "1"}, "--distill with --experimental.pipeline_parallel_degree > 1 is not supported"),
-    ("cache-missing", {"distill.teacher": None, "distill.teacher_cache": "/nonexistent/cache", "distill.top_k": "4"}, "holds no meta.json"),
+    ("cache-missing", {"distill.teacher": None, "distill.teacher_cache": "/nonexistent/cache", "distill.top_k": "4"}, "does not exist; write it with python -m flame.distill.cache"),
 ]  # fmt: skip
 
 
