@@ -184,6 +184,8 @@ def step(exp: Experiment, retry_failed: bool = False, echo: Any = print) -> dict
             echo(table(result))
             call_reports(exp, result)
             return result
+        if getattr(pending.scheduler, "workers", False):  # ASHA: array tasks are workers claiming pieces
+            return _submit_workers(exp, pending, records, result, echo)
         # A task still queued or running (requeued after a preemption) is waited for, not submitted twice.
         still = [i for i in pending.to_launch if records.running(pending.stage.name, i.key)]
         items = [i for i in pending.to_launch if i not in still]
@@ -192,13 +194,48 @@ def step(exp: Experiment, retry_failed: bool = False, echo: Any = print) -> dict
             raise ConfigError(
                 f"stage {pending.stage.name!r} waits for {pending.waiting or 'nothing'} and has nothing to submit"
             )
-        jobs = submit_stage(exp, pending.stage, items, records) if items else []
+        arrays: dict[str, list[WorkItem]] = {}  # a trial scheduler's pieces: one array per (bracket, rung)
+        for i in items:
+            arrays.setdefault(getattr(i, "array", ""), []).append(i)
+        jobs = [j for part in arrays.values() for j in submit_stage(exp, pending.stage, part, records)]
         controller = submit_controller(exp, jobs + waiting)
         records.append("controller", job=controller, after=jobs + waiting)
         echo(
             f"stage {pending.stage.name}: {len(items)} trials in array job(s) {', '.join(jobs)}; controller job {controller} runs after them"
         )
         return result
+
+
+def _submit_workers(exp: Experiment, pending: Any, records: Records, result: dict[str, Any], echo: Any) -> dict:
+    """ASHA's stage on Slurm: an array of max_parallel workers (flame.experiments.schedulers.worker), unless
+    the last one still runs; then the controller after it."""
+    stage = pending.stage
+    last = next((e for e in reversed(records.events) if e["event"] == "workers" and e["stage"] == stage.name), None)
+    if last is not None and job_active(str(last["job"])):
+        jobs = [str(last["job"])]
+    else:
+        folder = os.path.join(exp.root, "slurm")
+        os.makedirs(os.path.join(folder, "logs"), exist_ok=True)
+        spec = os.path.join(exp.root, "spec.toml")
+        args = [
+            *_options(exp, stage),
+            f"--array=0-{exp.max_parallel - 1}",
+            f"--job-name=flame-{exp.name}-{stage.name}",
+            "--requeue",
+            "--signal=USR1@180",
+            "--open-mode=append",
+            f"--output={folder}/logs/%A_%a.out",
+            f"--chdir={os.getcwd()}",
+        ]
+        command = f"{shlex.quote(sys.executable)} -m flame.experiments.schedulers.worker {shlex.quote(spec)} {shlex.quote(stage.name)}"
+        jobs = [sbatch([*args, "--wrap", command], os.getcwd())]
+        records.append("workers", stage=stage.name, job=jobs[0], count=exp.max_parallel)
+    controller = submit_controller(exp, jobs)
+    records.append("controller", job=controller, after=jobs)
+    echo(
+        f"stage {stage.name}: {exp.max_parallel} ASHA workers in array job {jobs[0]}; controller job {controller} runs after them"
+    )
+    return result
 
 
 class _NoLauncher:

@@ -159,6 +159,12 @@ def test_hyperband_brackets_and_asha_rule(write_spec, tmp_path):
         ranked = sorted(d["competitors"], key=lambda t: d["competitors"][t])
         assert d["promoted"][0] in ranked[: len(ranked) // 3]
     assert result.best("search")["rung"] == 2
+    # Run again: the claims are replayed, nothing new is started or decided.
+    again = api.run(
+        write_spec(text.replace('"{root}"', f'"{tmp_path / "asha"}"'), name="asha.toml"), echo=lambda *a, **k: None
+    )
+    assert len(os.listdir(claims_dir)) == len(actions) and decisions(tmp_path / "asha") == lines
+    assert again.stage("search")["best"] == result.stage("search")["best"]
 
 
 def test_budget_stops_new_work(write_spec, tmp_path):

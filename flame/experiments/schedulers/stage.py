@@ -92,6 +92,7 @@ def write_claim(folder: str, claim: dict[str, Any]) -> str:
 
 class RungScheduler:
     live = True  # may take new decisions (False: a Slurm controller or a status replays only)
+    worker: str | None = None  # who takes ASHA's choices here (a Slurm worker task; else this process)
 
     def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
@@ -146,6 +147,8 @@ class RungScheduler:
                     self._register(self._resolve(a[2]), a[2])
                 actions.append(("start", a[1]) if a[0] == "start" else (a[0], a[1], a[2], a[3]))
         self.ladder.replay(actions)
+        if not self.adaptive:  # the configurations ASHA started are the first of the pool's order
+            self.next = sum(a[0] == "start" for a in actions)
         self.logged = len(actions)
         self.outcomes_: dict[str, Outcome] = {}
 
@@ -272,8 +275,8 @@ class RungScheduler:
         return RungItem(trial, work.key, work)
 
     def ready(self, free: int | None = None) -> list[WorkItem]:
-        if self.settings.kind == "asha" and free is None:
-            free = max(self.ctx.exp.max_parallel - len(self.ladder.out), 0) if self.live else 0
+        if self.settings.kind == "asha" and free is None and self.live:
+            free = max(self.ctx.exp.max_parallel - len(self.ladder.out), 0)
         self.ladder.live = self.live  # type: ignore[attr-defined]
         works = self.ladder.ready(free)
         for action in self.ladder.actions[self.logged :]:
@@ -290,7 +293,8 @@ class RungScheduler:
         else:
             entry = list(action)
         key = f"{action[1]}@rung{0 if action[0] == 'start' else action[2] + 1}"
-        write_claim(self.claims_folder, {"key": key, "action": entry, "worker": worker or f"driver {os.getpid()}"})
+        who = worker or self.worker or f"pid {os.getpid()}"
+        write_claim(self.claims_folder, {"key": key, "action": entry, "worker": who})
 
     def finished(self, item: WorkItem, outcome: Outcome) -> None:
         if outcome.status not in ("done", "failed"):
