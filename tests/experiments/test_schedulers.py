@@ -176,6 +176,8 @@ def test_budget_stops_new_work(write_spec, tmp_path):
     best = result.best("search")
     assert best["id"] in rung0["promoted"] and best["step"] == 3
     assert sum(t["step"] == 3 for t in result.stage("search")["trials"]) == 2
+    report = (tmp_path / "exp" / "report" / "report.md").read_text()
+    assert "the experiment budget of 12 steps was spent (13): no new work was started after that" in report
 
 
 BAD = [

@@ -187,6 +187,14 @@ def write_report(exp: Experiment, status: dict[str, Any], tensorboard: bool = Tr
                     else ""
                 )
             )
+            end = next((d for d in s.decisions if d.get("end") and "budget" in d), None)
+            if end is not None:  # the experiment's budget
+                spent, unit = end.get("spent", 0), end.get("unit", "steps")
+                text += (
+                    f"; the experiment budget of {end['budget']:,} {unit} was spent ({spent:,.0f}): no new work was started after that"
+                    if end.get("budget_hit")
+                    else f"; {spent:,.0f} of the experiment budget of {end['budget']:,} {unit} spent"
+                )
             savings.append(text)
             summary_lines.append(f"scheduler saving: {text}")
     if savings:

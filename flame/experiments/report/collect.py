@@ -6,7 +6,8 @@ per trial, ``config.toml``), the experiment's ``records.jsonl`` (launch and end 
 each attempt) and, for a stage with a trial scheduler, ``<root>/<stage>/decisions.jsonl``: one JSON
 object per rung decision, ``{"rung": k, "resource": steps or tokens at the rung (optional), "bracket": s
 (optional), "competitors": {trial: metric} or [{"trial": id, "metric": m}], "promoted": [ids], "stopped":
-[ids], "cooldown_steps": steps of its cool-down forks (optional)}``. Reading never writes anything.
+[ids], "cooldown_steps": steps of its cool-down forks (optional)}``, and a last ``{"end": true, "spent":
+resource used, "unit", "budget" and "budget_hit" (with an experiment budget)}``. Reading never writes anything.
 """
 
 from __future__ import annotations
@@ -227,8 +228,8 @@ def collect_stage(exp: Experiment, st: dict[str, Any], records: Records) -> Stag
         resource = d.get("resource", rung)
         for trial, metric in competitors(d).items():
             reached[trial] = max(reached.get(trial, rung), rung)
-            if metric is not None:
-                rung_metrics.setdefault(trial, []).append((float(resource), metric))
+            if metric is not None and (float(resource), metric) not in rung_metrics.get(trial, []):
+                rung_metrics.setdefault(trial, []).append((float(resource), metric))  # ASHA repeats a rung's
         for trial in d.get("promoted", []):
             reached[trial] = max(reached.get(trial, rung + 1), rung + 1)
         stopped.update(d.get("stopped", []))
