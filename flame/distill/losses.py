@@ -143,6 +143,22 @@ def _teacher_rows(teacher: torch.Tensor | TopKTargets, rows: torch.Tensor) -> to
     return teacher.rows(rows) if isinstance(teacher, TopKTargets) else teacher.index_select(0, rows)
 
 
+def _forward_kl_with_grad(
+    student: torch.Tensor, teacher: torch.Tensor, view: VocabView, t: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense forward KL of fp32 student logits ``[n, width]``: ``T² Σ_rows KL(P‖Q)`` and its gradient with
+    respect to the student's logits in closed form, ``T (Q − P)`` (a handful of passes over the chunk, where
+    autograd through ``divergence`` takes several times more; the same value and, up to rounding, the same
+    gradient). Padding columns get no gradient (they are out of both softmaxes)."""
+    log_p = view.log_softmax(view.mask_padding(teacher.float()) / t)
+    log_q = view.log_softmax(view.mask_padding(student) / t)
+    p = torch.exp(log_p)
+    total = view.sum(torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))).sum() * (t * t)
+    grad = torch.zeros_like(student)
+    grad[:, : log_q.shape[-1]] = (torch.exp(log_q) - p) * t
+    return total, grad
+
+
 class _ChunkedKD(torch.autograd.Function):
     """Sum of ``chunk_losses`` over the target tokens, chunk by chunk; the gradient with respect to the
     student's logits is computed in the forward (one chunk at a time) and applied in the backward."""
@@ -164,7 +180,15 @@ class _ChunkedKD(torch.autograd.Function):
                 continue
             zs = student.index_select(0, rows).float()
             part = _teacher_rows(teacher, rows)
-            if need_grad:
+            dense_forward_kl = (
+                isinstance(part, torch.Tensor)
+                and spec.top_k is None
+                and (spec.loss == "forward_kl" or (spec.loss == "jsd" and spec.beta == 0.0))
+            )
+            if need_grad and dense_forward_kl:
+                loss, g = _forward_kl_with_grad(zs, part, view, spec.temperature)  # type: ignore[arg-type]
+                grad.index_copy_(0, rows, g.to(grad.dtype))  # type: ignore[union-attr]
+            elif need_grad:
                 zs.requires_grad_(True)
                 with torch.enable_grad():
                     loss = chunk_losses(zs, part, view, spec).sum()

@@ -74,3 +74,25 @@ def test_distill_stage_needs_its_teacher(write_spec):
     twice = SPEC.replace('"distill.loss" = "jsd"', '"distill.teacher" = "x", "distill.loss" = "jsd"')
     with pytest.raises(ConfigError, match=r"'distill\.teacher' is set by the stage's teacher key"):
         api._spec(str(write_spec(twice)), None)
+
+
+def test_shipped_distill_demo_pairs_its_students():
+    """configs/experiments/distill_demo.toml: scratch and distilled students differ only by the teacher (same
+    base config, steps, seeds), and the teacher trains a larger model several times longer."""
+    from flame.experiments.spec import load_spec
+    from flame.experiments.values import Link
+    from tests.helpers import ROOT
+
+    exp = load_spec(ROOT / "configs" / "experiments" / "distill_demo.toml")
+    stages = {s.name: s for s in exp.stages}
+    assert [(s.name, s.kind) for s in exp.stages] == [
+        ("teacher", "train"), ("scratch", "train"), ("distilled", "distill"), ("subset", "python"),
+        ("scratch_limited", "train"), ("distilled_limited", "distill"),
+    ]  # fmt: skip
+    for scratch, distilled in (("scratch", "distilled"), ("scratch_limited", "distilled_limited")):
+        a, b = stages[scratch], stages[distilled]
+        assert a.config == b.config and a.space == b.space
+        assert {k: v for k, v in b.override.items() if not k.startswith("distill.")} == a.override
+        assert isinstance(b.options["teacher"], Link) and b.options["teacher"].stage == "teacher"
+    assert stages["teacher"].override["training.steps"] >= 3 * stages["scratch"].override["training.steps"]
+    assert stages["teacher"].override["model.config"] == "configs/llama_distill_teacher.json"

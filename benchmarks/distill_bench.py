@@ -1,0 +1,209 @@
+"""Distillation cost: a distilled step against the student's own step plus one teacher forward, and the KD
+term's peak memory with and without chunking.
+
+    python benchmarks/distill_bench.py [--quick] [--rounds 5] [--steps 8] [--device cpu|cuda] [--no-append]
+        [--json-out FILE]
+
+1. **Step time.** Two ``flame.trainer.Trainer`` objects in one process on the same batch (no data wait):
+   the student alone (``configs/distill_demo.toml``: 0.6M parameters, batch 8 x 128) and the same student
+   distilled from a teacher (``configs/llama_distill_teacher.json``, 1.9M parameters, random weights saved
+   as a Hugging Face folder; α 0.5, dense forward KL, chunks of 1,024 tokens). Timed per round, interleaved:
+   ``train_step`` of each (forward, loss, backward, clip, optimizer step) and ``teacher.logits`` alone.
+   Ratio = distilled step / (student step + teacher forward); target <= 1.15 (the KD term, its chunked
+   gradient and the bookkeeping cost at most 15 % on top of the two models' own work). Medians over rounds
+   of the per-step wall time and process CPU time (all threads; less sensitive to other jobs).
+2. **Peak memory of the KD term.** ``kd_loss_sum`` forward + backward on student and teacher logits of
+   4,096 tokens x a 32,768-token vocabulary (fp32, 512 MiB each), with ``chunk_size`` 0 (all tokens at
+   once) and 1,024 / 256, each in a fresh process: the peak resident memory (CPU: ``ru_maxrss``; CUDA:
+   ``max_memory_allocated``) above what the logits and their gradient buffer take.
+
+The results are appended to benchmarks/RESULTS.md (not with ``--quick`` or ``--no-append``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import ROOT, append_section, command_line, load_average, machine, median, table, today
+
+TOKENS, VOCAB = 4096, 32768
+
+
+def _teacher_folder(folder: str) -> str:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(ROOT / "configs" / "llama_distill_teacher.json"))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(ROOT / "data" / "demo" / "tokenizer")).save_pretrained(folder)
+    return folder
+
+
+def step_times(rounds: int, steps: int, device: str) -> dict:
+    import torch
+
+    from flame.config.loader import parse_args
+    from flame.trainer import Trainer
+
+    os.chdir(ROOT)
+    teacher = _teacher_folder(tempfile.mkdtemp(prefix="distill_bench_teacher_"))
+    common = ["--job.config_file", "configs/distill_demo.toml", "--training.steps", "100000",
+              "--checkpoint.enable_checkpoint", "false", "--validation.enable", "false"]  # fmt: skip
+    if device == "cuda":
+        common += ["--training.mixed_precision_param", "bfloat16"]
+    dump = tempfile.mkdtemp(prefix="distill_bench_")
+    plain = Trainer(parse_args([*common, "--job.dump_folder", f"{dump}/plain"]))
+    kd = Trainer(parse_args([*common, "--job.dump_folder", f"{dump}/kd", "--distill.teacher", teacher]))
+    batch = next(iter(plain.dataloader))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed(fn) -> tuple[float, float]:
+        fn()  # one untimed call per round: caches warm after the other variant ran
+        sync()
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            fn()
+        sync()
+        return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
+
+    def step(trainer):
+        def run():
+            trainer.state.step += 1
+            trainer.train_step([batch])
+
+        return run
+
+    def teacher_forward():
+        kd.loss.teacher.logits(kd.shard_batch(batch))
+
+    variants = {"student": step(plain), "distilled": step(kd), "teacher_forward": teacher_forward}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    loads = []
+    for r in range(rounds + 1):  # the first round warms up and is not counted
+        loads.append(load_average())
+        order = list(variants)[r % 3 :] + list(variants)[: r % 3]
+        for name in order:
+            value = timed(variants[name])
+            if r:
+                results[name].append(value)
+    plain.close()
+    kd.close()
+    out = {
+        name: {"wall": median([v[0] for v in vals]), "cpu": median([v[1] for v in vals])}
+        for name, vals in results.items()
+    }
+    for clock in ("wall", "cpu"):
+        out[f"ratio_{clock}"] = out["distilled"][clock] / (out["student"][clock] + out["teacher_forward"][clock])
+    out["loads"] = loads
+    out["params"] = {"student": plain.built.num_params, "teacher": kd.loss.teacher.num_params}
+    return out
+
+
+def kd_memory(chunk_size: int, device: str) -> dict:
+    """Run in a child process: peak memory of one KD forward + backward above the logits' own."""
+    import resource
+
+    import torch
+
+    from flame.distill.losses import KDSpec, kd_loss_sum
+
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    student = torch.randn(TOKENS, VOCAB, device=dev, generator=g).requires_grad_(True)
+    teacher = torch.randn(TOKENS, VOCAB, device=dev, generator=g)
+    labels = torch.zeros(TOKENS, dtype=torch.long, device=dev)
+    grad = torch.zeros_like(student)  # the gradient buffer the backward fills anyway
+    student.grad = grad
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/statm") as f:
+            before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    loss = kd_loss_sum(student, labels, teacher, KDSpec("forward_kl", 1.0, 0.5, None, chunk_size), VOCAB)
+    loss.backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"chunk_size": chunk_size, "extra_gib": (peak - before) / 2**30, "logits_gib": student.numel() * 4 / 2**30}
+
+
+def memory_rows(device: str) -> list[dict]:
+    rows = []
+    for chunk in (0, 1024, 256):
+        code = (
+            f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.distill_bench import kd_memory; "
+            f"print('RESULT ' + json.dumps(kd_memory({chunk}, {device!r})))"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+        rows.append(json.loads(line[7:]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 3 steps; not appended")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant and round")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--no-append", action="store_true")
+    parser.add_argument("--json-out")
+    args = parser.parse_args()
+    rounds, steps = (2, 3) if args.quick else (args.rounds, args.steps)
+    start = time.perf_counter()
+    times = step_times(rounds, steps, args.device)
+    memory = memory_rows(args.device)
+    result = {"times": times, "memory": memory, "seconds": time.perf_counter() - start}
+    print(json.dumps(result, indent=1))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.quick or args.no_append:
+        return
+    ms = lambda x: f"{1000 * x:.1f}"  # noqa: E731
+    rows = [
+        [name, ms(times[name]["wall"]), ms(times[name]["cpu"])] for name in ("student", "teacher_forward", "distilled")
+    ]
+    rows.append(
+        [
+            "**distilled / (student + teacher forward)**",
+            f"**{times['ratio_wall']:.3f}**",
+            f"**{times['ratio_cpu']:.3f}**",
+        ]
+    )
+    mem_rows = [[str(m["chunk_size"] or "0 (all at once)"), f"{m['extra_gib']:.2f}"] for m in memory]
+    body = f"""Command: `{command_line()}`
+
+Machine: {machine()}, device {args.device}. Date: {today()}. Load average before each round: {"; ".join(times["loads"])}.
+Run time {result["seconds"] / 60:.1f} min.
+
+Step time (median over {rounds} rounds of {steps} steps, per step; student {times["params"]["student"] / 1e6:.2f}M
+parameters, teacher {times["params"]["teacher"] / 1e6:.2f}M, batch 8 x 128, vocabulary 4,096, α 0.5, dense forward KL):
+
+{table(["variant", "wall ms", "CPU ms"], rows)}
+
+Target <= 1.15.
+
+Peak memory of one KD forward + backward above its inputs ({TOKENS:,} tokens x {VOCAB:,} vocabulary, fp32 logits of
+{memory[0]["logits_gib"]:.2f} GiB per model; fresh process each):
+
+{table(["chunk_size (tokens)", "extra peak GiB"], mem_rows)}
+"""
+    append_section("Distillation: step time and KD memory (`benchmarks/distill_bench.py`)", body)
+
+
+if __name__ == "__main__":
+    main()
