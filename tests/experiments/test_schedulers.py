@@ -33,7 +33,7 @@ BUDGET
 name = "search"
 kind = "fake"
 config = "{base}"
-override = { "lr_scheduler.decay_ratio" = 0.2, "lr_scheduler.warmup_steps" = 1 }
+override = { "lr_scheduler.decay_ratio" = 0.2, "lr_scheduler.warmup_steps" = 1, "checkpoint.keep_latest_k" = 1 }
 space = SPACE
 scheduler = { kind = "KIND", min = 1, max = 9, eta = 3, rung_metric = "METRIC" }
 """
@@ -135,6 +135,10 @@ def test_successive_halving_decisions_follow_the_fake_loss(write_spec, tmp_path,
     assert statuses[promoted1[0]] == ("done", 2)
     assert statuses[1e-4] == ("stopped", 0)
     assert statuses[0.6][0] == ("failed" if metric == "cooldown" else "stopped")
+    # Rung checkpoints are kept while a trial climbs, released (keep_latest_k = 1) once it stopped or ended.
+    for t in result.stage("search")["trials"]:
+        steps = sorted(int(p.name[5:]) for p in (tmp_path / "exp" / "search" / t["id"] / "checkpoint").iterdir())
+        assert steps == [t["step"]], (t["id"], steps)
     if metric == "cooldown":  # the fork is a run folder of its own, from the rung checkpoint
         fork = tmp_path / "exp" / "search" / "cooldowns" / f"{next(t for t, lr in ids.items() if lr == 1e-4)}-s1"
         assert (fork / "summary.json").exists()
@@ -246,3 +250,32 @@ def test_kill_the_driver_mid_rung_and_resume(write_spec, tmp_path):
         log = folder / "train.log"
         if log.exists():
             assert log.read_text().count("fresh start") == 1, folder  # never retrained from scratch
+
+
+def test_tpe_asks_are_told_the_rung_metrics(write_spec, tmp_path):
+    """Hyperband with TPE: the second bracket is asked after the first ended, told each trial's metric at
+    the highest rung it reached (recomputed here from the decisions), and recorded before it runs."""
+    from flame.experiments.search import ask_round
+    from flame.experiments.spec import Search
+    from flame.experiments.values import Dist
+
+    space = '{ "optimizer.lr" = { loguniform = [1e-4, 1e-1] } }'
+    text = spec_text("hyperband", space=space).replace(
+        "scheduler = {", 'search = { kind = "tpe", samples = 12, seed = 3 }\nscheduler = {'
+    )
+    _, result, _, lines = run(write_spec, tmp_path, text)
+    with open(tmp_path / "exp" / "records.jsonl") as f:
+        asks = [e for e in map(json.loads, f) if e["event"] == "ask"]
+    assert [(e["round"], len(e["asks"])) for e in asks] == [(0, 9), (9, 3)]  # round: the points asked before
+    by_lr = {t["params"]["optimizer.lr"]: t["id"] for t in result.stage("search")["trials"]}
+    reached: dict[str, float] = {}
+    for d in lines:
+        for t, m in d.get("competitors", {}).items():
+            reached[t] = m  # decisions come rung by rung: the last one seen is the highest rung's
+    tops = {t["id"]: t["metric"] for t in result.stage("search")["trials"] if t["rung"] == 2}
+    history = [(a, tops.get(by_lr[a["optimizer.lr"]], reached.get(by_lr[a["optimizer.lr"]]))) for a in asks[0]["asks"]]
+    group = asks[1]["group"]
+    want = ask_round(
+        Search("tpe", 12, 3), {"optimizer.lr": Dist("loguniform", (1e-4, 1e-1))}, group, 9, history, 3, "min"
+    )
+    assert asks[1]["asks"] == want

@@ -22,6 +22,7 @@ from typing import Any
 from flame.config.errors import ConfigError
 from flame.experiments.hooks import WorkItem
 from flame.experiments.schedulers import trunks
+from flame.experiments.schedulers.files import jsonable, read_claims, read_lines, write_claim
 from flame.experiments.schedulers.ladder import Ladder, Work
 from flame.experiments.schedulers.rules import Settings, check_table
 from flame.experiments.search import derived_seed
@@ -40,54 +41,6 @@ class RungItem(WorkItem):
         w = self.work
         assert w is not None
         return f"b{w.bracket}-r{w.rung}" + ("-cooldown" if w.cooldown else "")
-
-
-def read_lines(path: str) -> list[dict[str, Any]]:
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    continue
-    except OSError:
-        pass
-    return out
-
-
-def read_claims(folder: str) -> list[dict[str, Any]]:
-    """ASHA's claim files in order (``NNNNNN.json``, created exclusively)."""
-    try:
-        names = sorted(n for n in os.listdir(folder) if n.endswith(".json") and n[:-5].isdigit())
-    except OSError:
-        return []
-    out = []
-    for n in names:
-        try:
-            with open(os.path.join(folder, n)) as f:
-                out.append(json.load(f))
-        except (OSError, ValueError):
-            continue
-    return out
-
-
-def write_claim(folder: str, claim: dict[str, Any]) -> str:
-    """The next claim file, created exclusively (the caller holds ``claims.lock``)."""
-    os.makedirs(folder, exist_ok=True)
-    n = len([x for x in os.listdir(folder) if x.endswith(".json") and x[:-5].isdigit()])
-    while True:
-        path = os.path.join(folder, f"{n:06d}.json")
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            n += 1
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump({**claim, "n": n}, f, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        return path
 
 
 class RungScheduler:
@@ -151,6 +104,7 @@ class RungScheduler:
             self.next = sum(a[0] == "start" for a in actions)
         self.logged = len(actions)
         self.outcomes_: dict[str, Outcome] = {}
+        self.released: set[str] = set()
 
     # ---- the pool of configurations --------------------------------------------------------------
 
@@ -327,16 +281,34 @@ class RungScheduler:
             lines.append(end)
         return lines
 
+    def _release(self) -> None:
+        """Rung checkpoints of trials that will not go on (stopped, failed, or at their top rung) are
+        released: ``keep_latest_k`` applies to them again (the newest complete one stays)."""
+        from flame.components.fork import release_kept_steps
+
+        for trial_id, (b, k) in self.ladder.where.items():
+            if trial_id in self.released or any(
+                w.trial == trial_id for w in [*self.ladder.out.values(), *self.ladder.queue]
+            ):
+                continue
+            at_top = k == self.ladder.top(b) and trial_id in self.ladder.results[b][k]
+            if at_top or self.ladder.stopped(trial_id):
+                self.released.add(trial_id)
+                trial = self.by_id[trial_id]
+                assert trial.config is not None
+                release_kept_steps(trial.folder, trial.config.checkpoint.folder, trial.config.checkpoint.keep_latest_k)
+
     def _write(self) -> None:
         if not self.ctx.record:
             return
+        self._release()
         lines = self.lines()
         if len(lines) <= self.written:
             return
         os.makedirs(self.folder, exist_ok=True)
         with open(os.path.join(self.folder, DECISIONS), "a") as f:
             for line in lines[self.written :]:
-                f.write(json.dumps(_jsonable(line)) + "\n")
+                f.write(json.dumps(jsonable(line)) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.written = len(lines)
@@ -390,13 +362,3 @@ class RungScheduler:
                 if trial_id in results:
                     level = max(level, self._rung_steps(b, k))
         return level
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from flame.experiments.schedulers.stage import read_claims, write_claim
+from flame.experiments.schedulers.files import read_claims, write_claim
 
 
 def worker_id() -> str:
