@@ -84,8 +84,7 @@ def launch_plan(exp: Experiment, result: dict[str, Any]) -> list[str]:
             for b in sched["brackets"]:
                 rungs = ", ".join(f"{r['trials']} x {r['resource']:g} {unit}" for r in b["rungs"])
                 lines.append(f"stage {stage.name}: {sched['kind']} bracket s={b['s']}: {rungs}")
-            n = sum(b["rungs"][0]["trials"] for b in sched["brackets"])
-            more = f"; {sched['kind']} over {n} of {sched['pool']} configurations (rung metric {sched['rung_metric']})"
+            more = f"; {sched['kind']} over {sched['drawn']} of {sched['pool']} configurations (rung metric {sched['rung_metric']})"
         if stage.search and stage.search.kind not in ("grid", "random"):
             more = f"; {stage.search.kind} asks {stage.search.samples} points in rounds (after each round's results)"
         if exp.launcher == "slurm":

@@ -99,3 +99,47 @@ def test_asha_workers_never_take_the_same_piece(slurm_cluster, write_spec, tmp_p
     status = api.status(spec)["stages"][0]
     assert len(status["trials"]) == 12 and status["best"] is not None
     assert lines(tmp_path / "slurm")[-1]["end"] is True
+
+
+@pytest.mark.slow
+def test_a_cancelled_asha_workers_piece_is_taken_again(slurm_cluster, write_spec, tmp_path):  # noqa: F811
+    """scancel the worker running a long piece (a promotion to the top rung): the piece is claimed again
+    (by the other worker or the next array) and resumes from its checkpoint; the stage still ends with the
+    local launcher's best."""
+    text = spec_text("asha", space=SPACE)
+    root = tmp_path / "slurm"
+    spec = write_spec(text.replace('"{root}"', f'"{root}"'), "slurm.toml")
+    extra = {"FLAME_STAGE_KINDS": "tests.experiments.fake_kind", "FAKE_STEP_SECONDS": "0.7"}
+    proc = subprocess.run(
+        [PYTHON, "-m", "flame.experiment", "run", str(spec), "--launcher", "slurm"],
+        cwd=ROOT, env=env(**extra), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    claims_dir = root / "search" / "claims"
+
+    def long_piece():
+        for n in sorted(os.listdir(claims_dir)) if claims_dir.is_dir() else []:
+            c = json.loads((claims_dir / n).read_text())
+            ck = root / "search" / c["key"].split("@")[0] / "checkpoint"
+            if c["key"].endswith("@rung2") and ck.is_dir() and any(p.name == "step-4" for p in ck.iterdir()):
+                return c
+        return None
+
+    end = time.monotonic() + 300
+    while long_piece() is None:
+        assert time.monotonic() < end, "no promotion to the top rung started"
+        time.sleep(0.2)
+    piece = long_piece()
+    subprocess.run(["scancel", piece["worker"]], check=True)
+    end = time.monotonic() + 600
+    while not any(e["event"] == "experiment" for e in events(root)):
+        assert time.monotonic() < end, (root / "records.jsonl").read_text()[-3000:]
+        time.sleep(1)
+    claims = [json.loads((claims_dir / n).read_text()) for n in sorted(os.listdir(claims_dir))]
+    assert any(c["key"] == piece["key"] and c.get("retake") for c in claims)
+    trunk = root / "search" / piece["key"].split("@")[0]
+    assert "resumed at step" in (trunk / "train.log").read_text()
+    os.environ["FLAME_STAGE_KINDS"] = extra["FLAME_STAGE_KINDS"]
+    local = write_spec(text.replace('"{root}"', f'"{tmp_path / "local"}"'), "local.toml")
+    api.run(local, echo=lambda *a, **k: None)
+    assert api.status(spec)["stages"][0]["best"] == api.status(local)["stages"][0]["best"]

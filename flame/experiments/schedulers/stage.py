@@ -214,6 +214,7 @@ class RungScheduler:
             "brackets": [b.as_dict() for b in shown],
             "unit": self.settings.resource,
             "pool": self.pool_size,
+            "drawn": sum(b.rungs[0].trials for b in self.ladder.brackets),  # what this stage runs of the pool
             "rung_metric": self.settings.rung_metric,
             "steps": self.rungs,
         }

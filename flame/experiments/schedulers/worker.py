@@ -117,9 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1.0)
             continue
         print(f"worker {me}: {item.key}", flush=True)
-        code = run_piece(exp, item)
-        if code != 0 and os.path.exists(os.path.join(item.folder, "preempted.json")):
-            return 0  # stopped for a preemption: the task is requeued or the next controller sends workers
+        run_piece(exp, item)
+        try:
+            with open(os.path.join(item.folder, "exit.json")) as f:
+                code = json.load(f).get("code")
+        except (OSError, ValueError):
+            code = None
+        if code == 75:  # stopped after saving (preempted, cancelled): this worker ends, the piece is taken again
+            return 0
 
 
 if __name__ == "__main__":
