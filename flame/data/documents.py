@@ -15,6 +15,7 @@ are identical.
 
 from __future__ import annotations
 
+import abc
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -95,7 +96,7 @@ class ReadContext:
     max_part_tokens: int = MAX_PART_TOKENS
 
 
-class ChunkReader:
+class ChunkReader(abc.ABC):
     """Parts of the current chunk of documents, in order; subclasses say what a chunk is.
 
     Subclasses implement ``_read_chunk()`` (the documents of the current chunk, empty ones
@@ -177,14 +178,14 @@ class ChunkReader:
         # Only a position at the very start of an epoch knows that epoch's whole output.
         self._epoch_from_start = self.index == 0 and self.piece == 0 and self._at_epoch_start(state)
 
-    def _at_epoch_start(self, state: dict[str, Any]) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _at_epoch_start(self, state: dict[str, Any]) -> bool: ...
 
-    def _read_chunk(self) -> list[Any]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _read_chunk(self) -> list[Any]: ...
 
-    def _next_chunk(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _next_chunk(self) -> None: ...
 
 
 # ------------------------------------------------------------------------------ map-style
