@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flame.experiments.records import Records
+from flame.experiments.schedulers.files import read_lines
 from flame.experiments.spec import Dist, Experiment, Grid, Stage, Zip
 from flame.experiments.trial import read_json
 
@@ -151,20 +152,6 @@ def read_curve(folder: str, processes: int = 1) -> tuple[Curve, dict[str, Any]]:
     return curve, last
 
 
-def read_decisions(path: str) -> list[dict[str, Any]]:
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    continue
-    except OSError:
-        pass
-    return out
-
-
 def competitors(decision: dict[str, Any]) -> dict[str, float | None]:
     """``{trial: metric}`` of a decision, whichever of the accepted shapes it has."""
     c = decision.get("competitors") or {}
@@ -219,7 +206,7 @@ def collect_stage(exp: Experiment, st: dict[str, Any], records: Records) -> Stag
     spec = next((s for s in exp.stages if s.name == st["name"]), None)
     folder = os.path.join(exp.root, st["name"])
     scheduler = spec.scheduler if spec is not None else None
-    decisions = read_decisions(os.path.join(folder, DECISIONS)) if scheduler else []
+    decisions = read_lines(os.path.join(folder, DECISIONS)) if scheduler else []
     reached: dict[str, int] = {}
     stopped: set[str] = set()
     rung_metrics: dict[str, list[tuple[float, float]]] = {}

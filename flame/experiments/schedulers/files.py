@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -9,16 +10,12 @@ from typing import Any
 
 
 def read_lines(path: str) -> list[dict[str, Any]]:
+    """The JSON lines of ``path`` ([] when it does not exist yet); a torn last line is skipped."""
     out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    continue
-    except OSError:
-        pass
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
     return out
 
 
