@@ -6,7 +6,7 @@ term's peak memory with and without chunking.
 
 1. **Step time.** Two ``flame.trainer.Trainer`` objects in one process on the same batch (no data wait):
    the student alone (``configs/distill_demo.toml``: 0.6M parameters, batch 8 x 128) and the same student
-   distilled from a teacher (``configs/llama_distill_teacher.json``, 1.9M parameters, random weights saved
+   distilled from a teacher (``configs/tiny/llama_distill_teacher.json``, 1.9M parameters, random weights saved
    as a Hugging Face folder; α 0.5, dense forward KL, chunks of 1,024 tokens). Timed per round, interleaved:
    ``train_step`` of each (forward, loss, backward, clip, optimizer step) and ``teacher.logits`` alone.
    Ratio = distilled step / (student step + teacher forward); target <= 1.15 (the KD term, its chunked

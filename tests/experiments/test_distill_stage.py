@@ -95,4 +95,4 @@ def test_shipped_distill_demo_pairs_its_students():
         assert {k: v for k, v in b.override.items() if not k.startswith("distill.")} == a.override
         assert isinstance(b.options["teacher"], Link) and b.options["teacher"].stage == "teacher"
     assert stages["teacher"].override["training.steps"] >= 3 * stages["scratch"].override["training.steps"]
-    assert stages["teacher"].override["model.config"] == "configs/llama_distill_teacher.json"
+    assert stages["teacher"].override["model.config"] == "configs/tiny/llama_distill_teacher.json"
