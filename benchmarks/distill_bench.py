@@ -1,5 +1,5 @@
 """Distillation cost: a distilled step against the student's own step plus one teacher forward, and the KD
-term's peak memory with and without chunking.
+term's peak memory with and without chunking, and the offline teacher cache against online distillation.
 
     python benchmarks/distill_bench.py [--quick] [--rounds 5] [--steps 8] [--device cpu|cuda] [--no-append]
         [--json-out FILE]
@@ -16,6 +16,9 @@ term's peak memory with and without chunking.
    4,096 tokens x a 32,768-token vocabulary (fp32, 512 MiB each), with ``chunk_size`` 0 (all tokens at
    once) and 1,024 / 256, each in a fresh process: the peak resident memory (CPU: ``ru_maxrss``; CUDA:
    ``max_memory_allocated``) above what the logits and their gradient buffer take.
+
+3. **The offline teacher cache** (top-k 32) against online distillation at the same top-k: the cache's
+   build time and disk per token, and the per-step time of training from it, online, and without a teacher.
 
 The results are appended to benchmarks/RESULTS.md (not with ``--quick`` or ``--no-append``).
 """
@@ -41,7 +44,7 @@ def _teacher_folder(folder: str) -> str:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(str(ROOT / "configs" / "llama_distill_teacher.json"))
+    config = AutoConfig.from_pretrained(str(ROOT / "configs" / "tiny" / "llama_distill_teacher.json"))
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(str(ROOT / "data" / "demo" / "tokenizer")).save_pretrained(folder)
@@ -108,6 +111,53 @@ def step_times(rounds: int, steps: int, device: str) -> dict:
     return out
 
 
+def cache_costs(steps: int, top_k: int = 32) -> dict:
+    """The offline teacher cache against online distillation at the same top-k: the cache's build time and
+    disk per token, and the per-step time of training from it, online and without distillation (the same
+    ``steps`` real batches in order, steps 2.. timed: the cache is read by step)."""
+    from flame.config.loader import parse_args
+    from flame.distill.cache_io import write_cache
+    from flame.trainer import Trainer
+
+    os.chdir(ROOT)
+    teacher = _teacher_folder(tempfile.mkdtemp(prefix="distill_bench_teacher_"))
+    dump = tempfile.mkdtemp(prefix="distill_bench_cache_")
+    common = ["--job.config_file", "configs/distill_demo.toml", "--training.steps", str(steps),
+              "--checkpoint.enable_checkpoint", "false", "--validation.enable", "false"]  # fmt: skip
+    k = ["--distill.top_k", str(top_k)]
+    cache = os.path.join(dump, "cache")
+    config = parse_args([*common, "--job.dump_folder", f"{dump}/writer", "--distill.teacher", teacher,
+                         "--distill.teacher_cache", cache, *k])  # fmt: skip
+    t = config.training
+    tokens = steps * t.gradient_accumulation_steps * t.batch_size * t.seq_len
+    start = time.perf_counter()
+    write_cache(config, 1)
+    build = time.perf_counter() - start
+    disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(cache) for f in files)
+
+    def per_step(flags: list[str], name: str) -> float:
+        trainer = Trainer(parse_args([*common, "--job.dump_folder", f"{dump}/{name}", *flags]))
+        data = trainer._batches()
+        elapsed = 0.0
+        for step in range(1, steps + 1):
+            batches = [next(data) for _ in range(t.gradient_accumulation_steps)]
+            trainer.state.step = step
+            begin = time.perf_counter()
+            trainer.train_step(batches)
+            if step > 1:  # the first step warms up
+                elapsed += time.perf_counter() - begin
+        trainer.close()
+        return elapsed / (steps - 1)
+
+    return {
+        "steps": steps, "top_k": top_k, "tokens": tokens, "build_s": build, "build_us_per_token": 1e6 * build / tokens,
+        "disk_bytes_per_token": disk / tokens,
+        "student_s": per_step([], "student"),
+        "online_s": per_step(["--distill.teacher", teacher, *k], "online"),
+        "cached_s": per_step(["--distill.teacher_cache", cache, *k], "cached"),
+    }  # fmt: skip
+
+
 def kd_memory(chunk_size: int, device: str) -> dict:
     """Run in a child process: peak memory of one KD forward + backward above the logits' own."""
     import resource
@@ -166,7 +216,8 @@ def main() -> None:
     start = time.perf_counter()
     times = step_times(rounds, steps, args.device)
     memory = memory_rows(args.device)
-    result = {"times": times, "memory": memory, "seconds": time.perf_counter() - start}
+    cache = cache_costs(4 if args.quick else 24)
+    result = {"times": times, "memory": memory, "cache": cache, "seconds": time.perf_counter() - start}
     print(json.dumps(result, indent=1))
     if args.json_out:
         with open(args.json_out, "w") as f:
@@ -184,6 +235,11 @@ def main() -> None:
             f"**{times['ratio_cpu']:.3f}**",
         ]
     )
+    cache_rows = [
+        [name, ms(cache[key]), f"{cache[key] / cache['student_s']:.2f}"]
+        for name, key in (("student alone", "student_s"), ("online teacher, top-k", "online_s"),
+                          ("from the cache", "cached_s"))
+    ]  # fmt: skip
     mem_rows = [[str(m["chunk_size"] or "0 (all at once)"), f"{m['extra_gib']:.2f}"] for m in memory]
     body = f"""Command: `{command_line()}`
 
@@ -201,6 +257,14 @@ Peak memory of one KD forward + backward above its inputs ({TOKENS:,} tokens x {
 {memory[0]["logits_gib"]:.2f} GiB per model; fresh process each):
 
 {table(["chunk_size (tokens)", "extra peak GiB"], mem_rows)}
+
+Offline teacher cache against online distillation, top-k {cache["top_k"]} (`python -m flame.distill.cache`, then
+`--distill.teacher_cache`), {cache["steps"]} steps of {cache["tokens"] // cache["steps"]:,} tokens:
+building it took {cache["build_s"]:.1f} s ({cache["build_us_per_token"]:.0f} µs per token: the teacher's forward and the
+top-k), and it takes **{cache["disk_bytes_per_token"]:.0f} bytes per token** on disk (8k + 4 = {8 * cache["top_k"] + 4}, plus the
+fingerprints and headers). Per training step (mean over steps 2..{cache["steps"]}):
+
+{table(["variant", "ms per step", "/ student"], cache_rows)}
 """
     append_section("Distillation: step time and KD memory (`benchmarks/distill_bench.py`)", body)
 

@@ -111,3 +111,16 @@ def train_args(byte_tokenizer, fixed_docs, tiny_llama, tmp_path):
         return args
 
     return make
+
+
+# pytest-timeout: a hung test (a rank waiting on a dead peer, a Slurm job that never starts) fails with
+# its stack instead of stalling CI. The default (pyproject's `timeout`) fits the default suite's longest
+# test several times over; the slow tier's scenarios (kill-and-resume of whole experiments, Slurm requeue)
+# get SLOW_TIMEOUT unless they set their own.
+SLOW_TIMEOUT = 1800
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))

@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 import shlex
 
+import pytest
+
 from flame.config.errors import ConfigError
 from flame.config.loader import parse_args
 from flame.config.validate import validate
 from tests.helpers import ROOT, read_metrics, run
 
 
+@pytest.mark.slow  # CI's slow tier: corpus, tokenizer, 2-rank training, export and generation, ~50 s
 def test_demo_end_to_end_shortened(tmp_path):
     data, dump = tmp_path / "demo_data", tmp_path / "demo_run"
     proc = run(

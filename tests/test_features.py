@@ -94,6 +94,7 @@ def test_tensorboard_events_hold_the_logged_metrics(train_args, tmp_path):
     assert [s.value for s in scalars] == pytest.approx(losses(records), rel=1e-6)
 
 
+@pytest.mark.slow  # CI's slow tier; two runs, one on 2 ranks: ~30 s
 def test_seed_checkpoint_gives_the_initial_weights_to_a_two_rank_run(train_args, tmp_path):
     seed = train(train_args("run", checkpoint__create_seed_checkpoint="true", training__seed=7))
     assert (tmp_path / "run" / "checkpoint" / "step-0" / ".metadata").exists()
@@ -107,7 +108,9 @@ def test_seed_checkpoint_gives_the_initial_weights_to_a_two_rank_run(train_args,
     assert losses(read_metrics(tmp_path / "run")) == pytest.approx(losses(fresh), abs=LOSS_TOL)
 
 
-@pytest.mark.parametrize(("nproc", "replicate"), [(2, 2), (4, 2)], ids=["ddp2", "hsdp2x2"])
+@pytest.mark.parametrize(
+    ("nproc", "replicate"), [(2, 2), pytest.param(4, 2, marks=pytest.mark.slow)], ids=["ddp2", "hsdp2x2"]
+)
 def test_replicated_layouts_match_one_process(train_args, tmp_path, nproc, replicate):
     reference = run_inprocess(train_args("single", training__batch_size=4, training__steps=5))
     args = train_args(
@@ -120,6 +123,7 @@ def test_replicated_layouts_match_one_process(train_args, tmp_path, nproc, repli
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"], (a, b)
 
 
+@pytest.mark.slow  # CI's slow tier; two compiled runs: ~30 s
 def test_compiled_autograd_compiles_the_backward_and_keeps_the_losses(train_args):
     from torch._dynamo.utils import counters
 
@@ -155,6 +159,7 @@ def test_float8_emulation_converts_the_decoder_linears_and_trains(train_args):
     assert low != pytest.approx(reference, abs=1e-6)
 
 
+@pytest.mark.slow  # CI's slow tier; 2 ranks with float8: ~22 s
 def test_float8_fsdp_all_gather_with_precomputed_scales_matches_one_process(train_args, tmp_path):
     """FSDP2 x2 with float8 weights all-gathered in float8 and their scales precomputed after each
     optimizer step (one all-reduce), against one process with float8. The input scales are dynamic per

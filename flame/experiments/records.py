@@ -80,7 +80,10 @@ def job_active(job: str) -> bool:
     """Whether a Slurm job (or array task ``ID_i``) is still pending or running."""
     import subprocess
 
-    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
+    except OSError:  # no Slurm client here (the folder was driven on a cluster): nothing known to be running
+        return False
     return out.returncode == 0 and bool(out.stdout.strip())
 
 

@@ -23,7 +23,7 @@ def _hashes(dump, rank: int) -> dict[int, list[str]]:
 @pytest.mark.parametrize(
     ("streaming", "num_workers"),
     # map-style without workers is also covered in one process by test_data_streaming (fast); here slow
-    [pytest.param(False, 0, marks=pytest.mark.slow), (True, 2)],
+    [pytest.param(False, 0, marks=pytest.mark.slow), pytest.param(True, 2, marks=pytest.mark.slow)],  # ~46 s
     ids=["map-0-workers", "stream-2-workers"],
 )
 def test_resumed_training_sees_the_same_batches_on_every_rank(train_args, tmp_path, streaming, num_workers):

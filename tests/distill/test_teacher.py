@@ -111,7 +111,7 @@ def test_another_tokenizer_is_named_with_both_sizes(hf_teacher, other_tokenizer,
     assert f"--model.tokenizer_path {other_tokenizer} (258 tokens)" in problem
 
 
-@pytest.mark.parametrize("layout", ["fsdp", "ddp", "tp", "cp"])
+@pytest.mark.parametrize("layout", ["fsdp", *(pytest.param(x, marks=pytest.mark.slow) for x in ("ddp", "tp", "cp"))])
 def test_teacher_on_two_ranks_matches_one_process_and_is_sharded(hf_teacher, byte_tokenizer, layout):
     """FSDP x2, DDP x2 and CP x2: the teacher is sharded over the ranks (half the parameters each); TP x2: its
     logits stay vocabulary-sharded (loss parallel); CP x2: each rank gets the logits of its sequence shard."""

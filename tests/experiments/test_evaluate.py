@@ -84,6 +84,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow  # CI's slow tier: lm-evaluation-harness start-up and a task, ~18 s
 def test_lm_eval_task_from_a_local_file(trained, tmp_path, fixed_docs):
     pytest.importorskip("lm_eval", reason="lm-eval is the optional 'eval' extra (pip install flame[eval])")
     dump, hf, _ = trained

@@ -9,6 +9,7 @@ import pytest
 from tests.helpers import ROOT
 
 
+@pytest.mark.slow  # CI's slow tier: the notebook executed with nbclient, ~48 s
 def test_notebook_runs(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat", reason="nbformat/nbclient/ipykernel are dev dependencies")
     nbclient = pytest.importorskip("nbclient", reason="nbformat/nbclient/ipykernel are dev dependencies")

@@ -73,6 +73,7 @@ def _through_a_terminal(cmd: list[str], timeout: float = 300) -> tuple[int, byte
     return proc.wait(timeout=timeout), b"".join(chunks)
 
 
+@pytest.mark.slow  # CI's slow tier: train.sh under a pty, ~30 s
 def test_train_sh_colours_a_terminal_and_not_a_pipe(launch_flags, tmp_path):
     piped = subprocess.run(
         train_sh(launch_flags(tmp_path / "piped", training__steps=2)),

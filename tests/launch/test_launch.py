@@ -12,6 +12,8 @@ import re
 import signal
 import subprocess
 
+import pytest
+
 from tests.helpers import ROOT, env, free_port, read_metrics
 from tests.launch.conftest import STEPS, losses, train_sh
 from tests.launch.procs import wait_for, worker_pid
@@ -26,6 +28,7 @@ def num_records(dump) -> int:
     return sum(1 for _ in open(path)) if path.exists() else 0
 
 
+@pytest.mark.slow  # CI's slow tier: two torchrun agents, ~45 s
 def test_two_nodes_on_localhost_match_two_ranks_on_one_node(launch_flags, reference, tmp_path):
     """NNODE=2 x NGPU=1 (two train.sh processes, c10d rendezvous) trains exactly like NGPU=2."""
     dump, port = tmp_path / "run", str(free_port())
@@ -44,6 +47,7 @@ def test_two_nodes_on_localhost_match_two_ranks_on_one_node(launch_flags, refere
     assert [r["grad_norm"] for r in records] == [r["grad_norm"] for r in reference]
 
 
+@pytest.mark.slow  # CI's slow tier: a 2-rank run killed and restarted by torchrun, ~42 s
 def test_killed_rank_restarts_from_the_latest_checkpoint(launch_flags, reference, tmp_path):
     """MAX_RESTARTS=1: SIGKILL of one worker after step-5 is saved restarts both; the run resumes and ends equal."""
     dump = tmp_path / "run"
@@ -67,6 +71,7 @@ def test_killed_rank_restarts_from_the_latest_checkpoint(launch_flags, reference
     assert losses(records) == losses(reference)
 
 
+@pytest.mark.slow  # CI's slow tier: ~18 s
 def test_signal_to_one_rank_stops_every_rank_at_the_same_step(launch_flags, tmp_path):
     """SIGUSR1 to rank 1's worker only: both ranks stop after the same step, save it, train.sh exits 75."""
     dump = tmp_path / "run"

@@ -86,6 +86,7 @@ def check_resumed_exactly(job: str, dump: Path, step: int, reference: list[dict]
     assert losses(records) == losses(reference)
 
 
+@pytest.mark.slow  # CI's slow tier: two 2-rank runs, ~64 s
 def test_usr1_stops_saves_requeues_and_the_next_run_resumes_exactly(
     slurm_cluster, launch_flags, reference, tmp_path
 ):  # fmt: skip

@@ -12,6 +12,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from tests.helpers import PYTHON, ROOT, env, free_port
 from tests.launch.procs import wait_for
 
@@ -28,6 +30,7 @@ def start_rank(args: list[str], rank: int, world_size: int, port: int) -> subpro
     )
 
 
+@pytest.mark.slow  # CI's slow tier: ~16 s
 def test_stalled_rank_makes_the_other_fail_within_the_train_timeout(launch_flags, tmp_path):
     """After the first step the 3 s train timeout applies (not the 60 s init timeout): a peer stopped
     with SIGSTOP makes rank 0 fail 3 s (plus at most one step) later, with one clear message."""

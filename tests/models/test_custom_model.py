@@ -70,6 +70,7 @@ def ember_json(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # CI's slow tier: the README steps: 2-rank training, export, load, ~35 s
 def test_readme_steps_train_export_and_load_back(ember_json, run_flags, tmp_path):
     """Steps 2-4 of the README with 2 FSDP ranks and activation checkpointing; the losses equal one process."""
     dump = tmp_path / "ember"
@@ -94,6 +95,7 @@ def test_readme_steps_train_export_and_load_back(ember_json, run_flags, tmp_path
     assert fsdp[-1]["loss"] < fsdp[0]["loss"] - 0.3
 
 
+@pytest.mark.slow  # CI's slow tier: a train and an export, ~19 s
 def test_norm_type_run_exports_with_the_same_norm_type(ember_json, run_flags, tmp_path):
     """--model.norm_type changes Ember's modules; convert_dcp_to_hf --norm_type rebuilds them, exactly."""
     from tests.utils.train_and_dump import main as train_and_dump
@@ -121,6 +123,7 @@ def test_norm_type_run_exports_with_the_same_norm_type(ember_json, run_flags, tm
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # CI's slow tier: two runs, one compiled, ~48 s
 def test_compile_keeps_the_losses(ember_json, run_flags, tmp_path):
     flags = {"model__config": ember_json, "experimental__custom_model_path": "custom_models", "training__steps": 3}
     eager = train_here(run_flags(tmp_path / "eager", **flags))

@@ -3,7 +3,9 @@ parallelism against it with real torchrun processes on gloo.
 
 The CPU path swaps fla's Triton kernels for PyTorch (exact up to rounding); the parallel plans around
 them are the ones that run on the GPU with fla's kernels. Tolerances as in test_layouts.py: losses
-within 1e-5, gradient norms within 1e-4 relative (fp32).
+within 1e-5, gradient norms within 1e-4 relative (fp32). The default suite runs GLA under TP x2 and CP x2
+and the op-level state passing on 2 ranks; the compositions, Gated DeltaNet's layouts, the checkpoint
+switches and 3 ranks are `slow` (20-46 s each here), run by CI's slow tier.
 """
 
 from __future__ import annotations
@@ -134,12 +136,32 @@ def gla_one_process(tmp_path_factory, byte_tokenizer, fixed_docs, gla_tiny) -> l
     ("nproc", "flags", "expect"),
     [
         (2, {"training__tensor_parallel_degree": 2}, "tensor parallel: degree 2"),
-        (2, {"training__tensor_parallel_degree": 2, "training__disable_loss_parallel": "true"}, "loss parallel False"),
+        pytest.param(
+            2,
+            {"training__tensor_parallel_degree": 2, "training__disable_loss_parallel": "true"},
+            "loss parallel False",
+            marks=pytest.mark.slow,
+        ),
         (2, {"experimental__context_parallel_degree": 2}, "attention path state_passing"),
-        (4, {"training__tensor_parallel_degree": 2, "experimental__context_parallel_degree": 2}, "path state_passing"),
-        (4, {"training__tensor_parallel_degree": 2, "training__data_parallel_shard_degree": 2}, "degree 2"),
+        pytest.param(
+            4,
+            {"training__tensor_parallel_degree": 2, "experimental__context_parallel_degree": 2},
+            "path state_passing",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            4,
+            {"training__tensor_parallel_degree": 2, "training__data_parallel_shard_degree": 2},
+            "degree 2",
+            marks=pytest.mark.slow,
+        ),
         # the recomputation in the backward runs the attention module again, inside the CP state
-        (2, {"experimental__context_parallel_degree": 2, "activation_checkpoint__mode": "full"}, "state_passing"),
+        pytest.param(
+            2,
+            {"experimental__context_parallel_degree": 2, "activation_checkpoint__mode": "full"},
+            "state_passing",
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["tp2", "tp2-no-loss-parallel", "cp2", "tp2xcp2", "fsdp2xtp2", "cp2-ac-full"],
 )
@@ -189,8 +211,10 @@ GDN_SGD = ["--optimizer.name", "SGD", "--optimizer.lr", "0.05"]
 @pytest.mark.parametrize(
     ("nproc", "flags", "expect"),
     [
-        (2, {"training__tensor_parallel_degree": 2}, "tensor parallel: degree 2"),
-        (2, {"experimental__context_parallel_degree": 2}, "attention path state_passing"),
+        pytest.param(2, {"training__tensor_parallel_degree": 2}, "tensor parallel: degree 2", marks=pytest.mark.slow),
+        pytest.param(
+            2, {"experimental__context_parallel_degree": 2}, "attention path state_passing", marks=pytest.mark.slow
+        ),
     ],
     ids=["tp2", "cp2"],
 )
@@ -211,7 +235,7 @@ def test_gated_deltanet_layout_matches_one_process(
     assert_same(gdn_one_process, read_metrics(tmp_path / "two"))
 
 
-@pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.parametrize("nproc", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_gla_state_passing_equals_the_whole_sequence_under_torchrun(nproc):
     """Op level: the CP-wrapped GLA, gated delta rule and delta rule recurrences and short convolution on each rank's chunks give the
     outputs and input gradients of the unsharded sequence within 1e-5 (2 and 3 ranks: 4 and 6 chunks)."""
@@ -254,7 +278,10 @@ def test_cpu_path_equals_fla_kernels_on_gpu(family, tmp_path):
 
 @pytest.mark.parametrize(
     "flags",
-    [{"training__tensor_parallel_degree": 2}, {"experimental__context_parallel_degree": 2}],
+    [
+        pytest.param({"training__tensor_parallel_degree": 2}, marks=pytest.mark.slow),
+        pytest.param({"experimental__context_parallel_degree": 2}, marks=pytest.mark.slow),
+    ],
     ids=["tp2-to-1", "cp2-to-1"],
 )
 def test_gla_checkpoint_resumes_on_one_process_and_converts(

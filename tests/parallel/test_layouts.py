@@ -4,6 +4,10 @@ Tolerances (fp32 on CPU): losses within 1e-5 absolute, gradient norms within 1e-
 layouts differ only in the order of floating-point sums (all-reduces, sharded matmuls). Measured:
 context-parallel layouts (CP x2, TP x CP, FSDP x CP, PP x CP, CP with varlen) differ from one process
 by at most 5e-7 in the loss (1e-7 relative) and 3.4e-7 relative in the gradient norm.
+
+The default suite runs one layout per kind of parallelism (TP x2, CP x2, PP x2 with 1F1B, a TP-to-one
+checkpoint switch); the compositions (4 ranks), the other schedules and switches and varlen are `slow`
+(20-65 s each here), run by CI's slow tier.
 """
 
 from __future__ import annotations
@@ -67,11 +71,27 @@ def assert_same(reference: list[dict], other: list[dict]) -> None:
     ("nproc", "flags"),
     [
         (2, {"training__tensor_parallel_degree": 2}),
-        (2, {"training__tensor_parallel_degree": 2, "training__disable_loss_parallel": "true"}),
-        (4, {"training__tensor_parallel_degree": 2, "training__data_parallel_shard_degree": 2}),
+        pytest.param(
+            2,
+            {"training__tensor_parallel_degree": 2, "training__disable_loss_parallel": "true"},
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            4,
+            {"training__tensor_parallel_degree": 2, "training__data_parallel_shard_degree": 2},
+            marks=pytest.mark.slow,
+        ),
         (2, {"experimental__context_parallel_degree": 2}),
-        (4, {"training__tensor_parallel_degree": 2, "experimental__context_parallel_degree": 2}),
-        (4, {"training__data_parallel_shard_degree": 2, "experimental__context_parallel_degree": 2}),
+        pytest.param(
+            4,
+            {"training__tensor_parallel_degree": 2, "experimental__context_parallel_degree": 2},
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            4,
+            {"training__data_parallel_shard_degree": 2, "experimental__context_parallel_degree": 2},
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["tp2", "tp2-no-loss-parallel", "fsdp2xtp2", "cp2", "tp2xcp2", "fsdp2xcp2"],
 )
@@ -87,7 +107,10 @@ def test_layout_matches_one_process(reference, train_args, tmp_path, fixed_docs,
 
 @pytest.mark.parametrize(
     "flags",
-    [{"experimental__context_parallel_degree": 2}, {"training__tensor_parallel_degree": 2}],
+    [
+        pytest.param({"experimental__context_parallel_degree": 2}, marks=pytest.mark.slow),
+        pytest.param({"training__tensor_parallel_degree": 2}, marks=pytest.mark.slow),
+    ],
     ids=["cp2", "tp2"],
 )
 def test_varlen_documents_match_one_process(train_args, tmp_path, flags):
@@ -103,18 +126,35 @@ def test_varlen_documents_match_one_process(train_args, tmp_path, flags):
 @pytest.mark.parametrize(
     ("nproc", "flags"),
     [
-        (2, {"experimental__pipeline_parallel_degree": 2, "experimental__pipeline_parallel_schedule": "GPipe"}),
+        pytest.param(
+            2,
+            {"experimental__pipeline_parallel_degree": 2, "experimental__pipeline_parallel_schedule": "GPipe"},
+            marks=pytest.mark.slow,
+        ),
         (2, {"experimental__pipeline_parallel_degree": 2, "experimental__pipeline_parallel_schedule": "1F1B"}),
-        (
+        pytest.param(
             2,
             {
                 "experimental__pipeline_parallel_degree": 2,
                 "experimental__pipeline_parallel_schedule": "Interleaved1F1B",
             },
+            marks=pytest.mark.slow,
         ),
-        (4, {"experimental__pipeline_parallel_degree": 2, "training__data_parallel_shard_degree": 2}),
-        (4, {"experimental__pipeline_parallel_degree": 2, "training__tensor_parallel_degree": 2}),
-        (4, {"experimental__pipeline_parallel_degree": 2, "experimental__context_parallel_degree": 2}),
+        pytest.param(
+            4,
+            {"experimental__pipeline_parallel_degree": 2, "training__data_parallel_shard_degree": 2},
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            4,
+            {"experimental__pipeline_parallel_degree": 2, "training__tensor_parallel_degree": 2},
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            4,
+            {"experimental__pipeline_parallel_degree": 2, "experimental__context_parallel_degree": 2},
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["pp2-gpipe", "pp2-1f1b", "pp2-interleaved", "fsdp2xpp2", "tp2xpp2", "pp2xcp2"],
 )
@@ -129,10 +169,10 @@ def test_pipeline_layout_matches_one_process(reference, train_args, tmp_path, fi
 @pytest.mark.parametrize(
     ("first", "second"),
     [
-        ((2, {"experimental__pipeline_parallel_degree": 2}), (1, {})),
+        pytest.param((2, {"experimental__pipeline_parallel_degree": 2}), (1, {}), marks=pytest.mark.slow),
         ((2, {"training__tensor_parallel_degree": 2}), (1, {})),
-        ((2, {}), (4, {"training__tensor_parallel_degree": 2})),
-        ((2, {"experimental__context_parallel_degree": 2}), (1, {})),
+        pytest.param((2, {}), (4, {"training__tensor_parallel_degree": 2}), marks=pytest.mark.slow),
+        pytest.param((2, {"experimental__context_parallel_degree": 2}), (1, {}), marks=pytest.mark.slow),
     ],
     ids=["pp2-to-1", "tp2-to-1", "fsdp2-to-fsdp2xtp2", "cp2-to-1"],
 )
