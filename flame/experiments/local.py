@@ -51,6 +51,7 @@ def describe(trial: Trial) -> dict[str, Any]:
     """trial.json's content: what the experiment knows about a trial, and its command."""
     return {
         "id": trial.id,
+        "experiment": trial.experiment,  # the trial's W&B group (flame.components.metrics.wandb_grouping)
         "stage": trial.stage,
         "kind": trial.kind,
         "contender": trial.contender,

@@ -59,6 +59,9 @@ def test_arrays_throttle_chunk_and_chain(write_spec, tmp_path, monkeypatch):
         json.loads(x) for f in sorted((tmp_path / "exp" / "slurm").glob("*.tasks")) for x in f.read_text().splitlines()
     ]
     assert len(lines) == 3 and all(os.path.exists(os.path.join(x["folder"], "config.toml")) for x in lines)
+    for x in lines:  # trial.json names the experiment (the trials' W&B group) and the stage (the job type)
+        described = json.loads(open(os.path.join(x["folder"], "trial.json")).read())
+        assert (described["experiment"], described["stage"]) == ("resume", "search")
     # The plan says the same without submitting anything.
     plan = api.plan(spec, launcher="slurm")
     assert any("--array=0-1%1 + --array=0-0%1" in line for line in plan["launch"])
