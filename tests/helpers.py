@@ -63,3 +63,10 @@ def torchrun(nproc: int, args: list[str], *, module: str = "flame.train", **kw) 
 def read_metrics(dump_folder: str | Path) -> list[dict]:
     with open(Path(dump_folder) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def slow(*values):
+    """One parametrization case in the slow tier: ``pytest.param(*values, marks=pytest.mark.slow)``."""
+    import pytest
+
+    return pytest.param(*values, marks=pytest.mark.slow)

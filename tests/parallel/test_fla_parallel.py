@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import read_metrics, torchrun, train
+from tests.helpers import read_metrics, slow, torchrun, train
 from tests.parallel.test_layouts import STEPS, assert_same
 
 # Every optional part of fla's GLA layer that has a TP style: short convolutions, the output gate with
@@ -136,32 +136,16 @@ def gla_one_process(tmp_path_factory, byte_tokenizer, fixed_docs, gla_tiny) -> l
     ("nproc", "flags", "expect"),
     [
         (2, {"training__tensor_parallel_degree": 2}, "tensor parallel: degree 2"),
-        pytest.param(
-            2,
-            {"training__tensor_parallel_degree": 2, "training__disable_loss_parallel": "true"},
-            "loss parallel False",
-            marks=pytest.mark.slow,
+        slow(
+            2, {"training__tensor_parallel_degree": 2, "training__disable_loss_parallel": "true"}, "loss parallel False"
         ),
         (2, {"experimental__context_parallel_degree": 2}, "attention path state_passing"),
-        pytest.param(
-            4,
-            {"training__tensor_parallel_degree": 2, "experimental__context_parallel_degree": 2},
-            "path state_passing",
-            marks=pytest.mark.slow,
+        slow(
+            4, {"training__tensor_parallel_degree": 2, "experimental__context_parallel_degree": 2}, "path state_passing"
         ),
-        pytest.param(
-            4,
-            {"training__tensor_parallel_degree": 2, "training__data_parallel_shard_degree": 2},
-            "degree 2",
-            marks=pytest.mark.slow,
-        ),
+        slow(4, {"training__tensor_parallel_degree": 2, "training__data_parallel_shard_degree": 2}, "degree 2"),
         # the recomputation in the backward runs the attention module again, inside the CP state
-        pytest.param(
-            2,
-            {"experimental__context_parallel_degree": 2, "activation_checkpoint__mode": "full"},
-            "state_passing",
-            marks=pytest.mark.slow,
-        ),
+        slow(2, {"experimental__context_parallel_degree": 2, "activation_checkpoint__mode": "full"}, "state_passing"),
     ],
     ids=["tp2", "tp2-no-loss-parallel", "cp2", "tp2xcp2", "fsdp2xtp2", "cp2-ac-full"],
 )
@@ -211,10 +195,8 @@ GDN_SGD = ["--optimizer.name", "SGD", "--optimizer.lr", "0.05"]
 @pytest.mark.parametrize(
     ("nproc", "flags", "expect"),
     [
-        pytest.param(2, {"training__tensor_parallel_degree": 2}, "tensor parallel: degree 2", marks=pytest.mark.slow),
-        pytest.param(
-            2, {"experimental__context_parallel_degree": 2}, "attention path state_passing", marks=pytest.mark.slow
-        ),
+        slow(2, {"training__tensor_parallel_degree": 2}, "tensor parallel: degree 2"),
+        slow(2, {"experimental__context_parallel_degree": 2}, "attention path state_passing"),
     ],
     ids=["tp2", "cp2"],
 )
@@ -235,7 +217,7 @@ def test_gated_deltanet_layout_matches_one_process(
     assert_same(gdn_one_process, read_metrics(tmp_path / "two"))
 
 
-@pytest.mark.parametrize("nproc", [2, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("nproc", [2, slow(3)])
 def test_gla_state_passing_equals_the_whole_sequence_under_torchrun(nproc):
     """Op level: the CP-wrapped GLA, gated delta rule and delta rule recurrences and short convolution on each rank's chunks give the
     outputs and input gradients of the unsharded sequence within 1e-5 (2 and 3 ranks: 4 and 6 chunks)."""
@@ -279,8 +261,8 @@ def test_cpu_path_equals_fla_kernels_on_gpu(family, tmp_path):
 @pytest.mark.parametrize(
     "flags",
     [
-        pytest.param({"training__tensor_parallel_degree": 2}, marks=pytest.mark.slow),
-        pytest.param({"experimental__context_parallel_degree": 2}, marks=pytest.mark.slow),
+        slow({"training__tensor_parallel_degree": 2}),
+        slow({"experimental__context_parallel_degree": 2}),
     ],
     ids=["tp2-to-1", "cp2-to-1"],
 )

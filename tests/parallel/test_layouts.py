@@ -16,7 +16,7 @@ import shutil
 
 import pytest
 
-from tests.helpers import read_metrics, torchrun, train
+from tests.helpers import read_metrics, slow, torchrun, train
 
 LOSS_TOL = 1e-5
 GRAD_REL_TOL = 1e-4
@@ -71,27 +71,11 @@ def assert_same(reference: list[dict], other: list[dict]) -> None:
     ("nproc", "flags"),
     [
         (2, {"training__tensor_parallel_degree": 2}),
-        pytest.param(
-            2,
-            {"training__tensor_parallel_degree": 2, "training__disable_loss_parallel": "true"},
-            marks=pytest.mark.slow,
-        ),
-        pytest.param(
-            4,
-            {"training__tensor_parallel_degree": 2, "training__data_parallel_shard_degree": 2},
-            marks=pytest.mark.slow,
-        ),
+        slow(2, {"training__tensor_parallel_degree": 2, "training__disable_loss_parallel": "true"}),
+        slow(4, {"training__tensor_parallel_degree": 2, "training__data_parallel_shard_degree": 2}),
         (2, {"experimental__context_parallel_degree": 2}),
-        pytest.param(
-            4,
-            {"training__tensor_parallel_degree": 2, "experimental__context_parallel_degree": 2},
-            marks=pytest.mark.slow,
-        ),
-        pytest.param(
-            4,
-            {"training__data_parallel_shard_degree": 2, "experimental__context_parallel_degree": 2},
-            marks=pytest.mark.slow,
-        ),
+        slow(4, {"training__tensor_parallel_degree": 2, "experimental__context_parallel_degree": 2}),
+        slow(4, {"training__data_parallel_shard_degree": 2, "experimental__context_parallel_degree": 2}),
     ],
     ids=["tp2", "tp2-no-loss-parallel", "fsdp2xtp2", "cp2", "tp2xcp2", "fsdp2xcp2"],
 )
@@ -108,8 +92,8 @@ def test_layout_matches_one_process(reference, train_args, tmp_path, fixed_docs,
 @pytest.mark.parametrize(
     "flags",
     [
-        pytest.param({"experimental__context_parallel_degree": 2}, marks=pytest.mark.slow),
-        pytest.param({"training__tensor_parallel_degree": 2}, marks=pytest.mark.slow),
+        slow({"experimental__context_parallel_degree": 2}),
+        slow({"training__tensor_parallel_degree": 2}),
     ],
     ids=["cp2", "tp2"],
 )
@@ -126,35 +110,18 @@ def test_varlen_documents_match_one_process(train_args, tmp_path, flags):
 @pytest.mark.parametrize(
     ("nproc", "flags"),
     [
-        pytest.param(
-            2,
-            {"experimental__pipeline_parallel_degree": 2, "experimental__pipeline_parallel_schedule": "GPipe"},
-            marks=pytest.mark.slow,
-        ),
+        slow(2, {"experimental__pipeline_parallel_degree": 2, "experimental__pipeline_parallel_schedule": "GPipe"}),
         (2, {"experimental__pipeline_parallel_degree": 2, "experimental__pipeline_parallel_schedule": "1F1B"}),
-        pytest.param(
+        slow(
             2,
             {
                 "experimental__pipeline_parallel_degree": 2,
                 "experimental__pipeline_parallel_schedule": "Interleaved1F1B",
             },
-            marks=pytest.mark.slow,
         ),
-        pytest.param(
-            4,
-            {"experimental__pipeline_parallel_degree": 2, "training__data_parallel_shard_degree": 2},
-            marks=pytest.mark.slow,
-        ),
-        pytest.param(
-            4,
-            {"experimental__pipeline_parallel_degree": 2, "training__tensor_parallel_degree": 2},
-            marks=pytest.mark.slow,
-        ),
-        pytest.param(
-            4,
-            {"experimental__pipeline_parallel_degree": 2, "experimental__context_parallel_degree": 2},
-            marks=pytest.mark.slow,
-        ),
+        slow(4, {"experimental__pipeline_parallel_degree": 2, "training__data_parallel_shard_degree": 2}),
+        slow(4, {"experimental__pipeline_parallel_degree": 2, "training__tensor_parallel_degree": 2}),
+        slow(4, {"experimental__pipeline_parallel_degree": 2, "experimental__context_parallel_degree": 2}),
     ],
     ids=["pp2-gpipe", "pp2-1f1b", "pp2-interleaved", "fsdp2xpp2", "tp2xpp2", "pp2xcp2"],
 )
@@ -169,10 +136,10 @@ def test_pipeline_layout_matches_one_process(reference, train_args, tmp_path, fi
 @pytest.mark.parametrize(
     ("first", "second"),
     [
-        pytest.param((2, {"experimental__pipeline_parallel_degree": 2}), (1, {}), marks=pytest.mark.slow),
+        slow((2, {"experimental__pipeline_parallel_degree": 2}), (1, {})),
         ((2, {"training__tensor_parallel_degree": 2}), (1, {})),
-        pytest.param((2, {}), (4, {"training__tensor_parallel_degree": 2}), marks=pytest.mark.slow),
-        pytest.param((2, {"experimental__context_parallel_degree": 2}), (1, {}), marks=pytest.mark.slow),
+        slow((2, {}), (4, {"training__tensor_parallel_degree": 2})),
+        slow((2, {"experimental__context_parallel_degree": 2}), (1, {})),
     ],
     ids=["pp2-to-1", "tp2-to-1", "fsdp2-to-fsdp2xtp2", "cp2-to-1"],
 )
