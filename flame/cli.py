@@ -5,12 +5,18 @@ written), 1 a failure during training (one message where flame knows the cause: 
 checkpoint save, a collective timeout). A run stopped by SIGTERM/SIGUSR1 after saving its checkpoint
 also exits 0 (so torchrun does not restart it) and leaves ``<dump_folder>/preempted.json``; train.sh
 turns that into exit code 75.
+
+The config's values are checked before anything heavy is imported (``check_static``: numbers, flags
+that need another flag, missing files, degrees against the world size), so such a mistake fails in a
+fraction of a second; the checks that need torch or the model follow in ``Trainer``.
 """
 
 from __future__ import annotations
 
 from flame.config.errors import ConfigError
 from flame.config.loader import parse_args, to_dict
+from flame.config.validate import check_static
+from flame.distributed.parallel_dims import dry_run_world_size, world_size_from_env
 from flame.utils.console import fail, setup_logging
 
 
@@ -24,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(tomli_w.dumps(to_dict(config)))
     setup_logging()
+    try:
+        check_static(config, dry_run_world_size() if config.job.dry_run else world_size_from_env())
+    except ConfigError as e:
+        return fail(("invalid config:\n" if len(e.problems) > 1 else "") + e.format())
     if config.job.dry_run:
         from flame.dry_run import main as dry_run_main
 

@@ -10,7 +10,6 @@ target: GPU-only features are allowed).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 
@@ -22,7 +21,7 @@ import flame.models.families  # noqa: F401  (registers the model families)
 from flame.config.errors import ConfigError
 from flame.config.schema import JobConfig
 from flame.config.validate import validate
-from flame.distributed.parallel_dims import build_parallel_dims
+from flame.distributed.parallel_dims import build_parallel_dims, dry_run_world_size
 from flame.models.adapters import adapter_for
 from flame.models.build import build_meta_model, import_custom_models, load_model_config, load_tokenizer
 from flame.models.flops import flops_per_token
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return fail(e.format())
     setup_logging()
-    world_size = int(os.environ.get("FLAME_DRY_RUN_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    world_size = dry_run_world_size()
     try:
         dry_run(config, world_size)
     except ConfigError as e:

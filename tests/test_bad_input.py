@@ -32,6 +32,8 @@ class Case:
     toml: str | None = None
     launcher: str = "flame.train"  # or "train.sh", or "dry-run" (train.sh --job.dry_run, NGPU=2)
     code: int = 2
+    first_pass: bool = False  # caught by the command's check before torch is imported (check_static)
+    ngpu: str = "2"  # NGPU for train.sh
 
 
 CASES = [
@@ -47,26 +49,27 @@ CASES = [
     Case("cli-type", ("--training.steps: expected integer, got 'ten'",), {"training.steps": "ten"}),
     Case("bool-type", ("--training.skip_nan_inf: expected boolean, got 'maybe'",), {"training.skip_nan_inf": "maybe"}),
     Case("choice", ("'exp' is not allowed; choose one of: linear, sqrt, cosine",), {"lr_scheduler.decay_type": "exp"}),
-    Case("steps-zero", ("--training.steps must be a positive integer, got 0",), {"training.steps": "0"}),
-    Case("lr-negative", ("--optimizer.lr must be positive, got -0.001",), argv=("--optimizer.lr=-0.001",)),
-    Case("batch-zero", ("--training.batch_size must be a positive integer, got 0",), {"training.batch_size": "0"}),
-    Case("probs-length", ("--training.data_probs has 2 entries but --training.dataset has 1",), {"training.data_probs": "0.5,0.5"}),
-    Case("probs-negative", ("--training.data_probs must all be positive", "-1.0"), argv=("--training.data_probs=-1",)),
-    Case("no-dataset", ("--training.dataset is required",), {"training.dataset": None}),
-    Case("data-files-missing", ("--training.data_files '/nonexistent/*.jsonl'", "matches no files"), {"training.data_files": "/nonexistent/*.jsonl"}),
-    Case("tokenizer-missing", ("--model.tokenizer_path: '/nonexistent/tok' does not exist",), {"model.tokenizer_path": "/nonexistent/tok"}),
-    Case("model-config-missing", ("--model.config: '/nonexistent/model.json' does not exist",), {"model.config": "/nonexistent/model.json"}),
-    Case("degrees", ("parallel degrees multiply to 3", "the world size is 1"), {"training.data_parallel_shard_degree": "3"}),
-    Case("tp-heads", ("num_attention_heads (4) is not divisible",), {"training.tensor_parallel_degree": "3"}),
+    Case("steps-zero", ("--training.steps must be a positive integer, got 0",), {"training.steps": "0"}, first_pass=True),
+    Case("lr-negative", ("--optimizer.lr must be positive, got -0.001",), argv=("--optimizer.lr=-0.001",), first_pass=True),
+    Case("batch-zero", ("--training.batch_size must be a positive integer, got 0",), {"training.batch_size": "0"}, first_pass=True),
+    Case("probs-length", ("--training.data_probs has 2 entries but --training.dataset has 1",), {"training.data_probs": "0.5,0.5"}, first_pass=True),
+    Case("probs-negative", ("--training.data_probs must all be positive", "-1.0"), argv=("--training.data_probs=-1",), first_pass=True),
+    Case("no-dataset", ("--training.dataset is required",), {"training.dataset": None}, first_pass=True),
+    Case("data-files-missing", ("--training.data_files '/nonexistent/*.jsonl'", "matches no files"), {"training.data_files": "/nonexistent/*.jsonl"}, first_pass=True),
+    Case("tokenizer-missing", ("--model.tokenizer_path: '/nonexistent/tok' does not exist",), {"model.tokenizer_path": "/nonexistent/tok"}, first_pass=True),
+    Case("model-config-missing", ("--model.config: '/nonexistent/model.json' does not exist",), {"model.config": "/nonexistent/model.json"}, first_pass=True),
+    Case("degrees", ("parallel degrees multiply to 3", "the world size is 1"), {"training.data_parallel_shard_degree": "3"}, first_pass=True),
+    # a dry run for 3 ranks: on 1 rank the first pass stops at the degrees' product before the model is read
+    Case("tp-heads", ("num_attention_heads (4) is not divisible",), {"training.tensor_parallel_degree": "3", "training.seq_len": "33"}, launcher="dry-run", ngpu="3"),
     Case("tp-seq-len", ("--training.seq_len 33 is not divisible by --training.tensor_parallel_degree 2",), {"training.tensor_parallel_degree": "2", "training.seq_len": "33"}, launcher="dry-run"),
     Case("cp-seq-len", ("--training.seq_len 34 is not divisible by 2 x --experimental.context_parallel_degree = 4",), {"experimental.context_parallel_degree": "2", "training.seq_len": "34"}, launcher="dry-run"),
-    Case("cp-alltoall-cpu", ("--experimental.context_parallel_rotate_method alltoall is torch's ring attention", "use allgather"), {"experimental.context_parallel_degree": "2", "experimental.context_parallel_rotate_method": "alltoall"}),
+    Case("cp-alltoall-cpu", ("--experimental.context_parallel_rotate_method alltoall is torch's ring attention", "use allgather"), {"experimental.context_parallel_degree": "2", "experimental.context_parallel_rotate_method": "alltoall"}, launcher="train.sh"),
     Case("pp-split-point", ("--experimental.pipeline_parallel_split_points ['model.layers.99']", "layers.0 .. layers.3"), {"experimental.pipeline_parallel_degree": "2", "experimental.pipeline_parallel_split_points": "model.layers.99"}, launcher="dry-run"),
     Case("gpu-float8", ("--float8.enable_float8_linear=True: float8 training needs a CUDA GPU",), {"float8.enable_float8_linear": "true"}),
     Case("gpu-memory-snapshot", ("CUDA memory snapshots needs a CUDA GPU",), {"profiling.enable_memory_snapshot": "true"}),
-    Case("bad-steps-without-skip", ("--training.max_consecutive_bad_steps only applies with --training.skip_nan_inf",), {"training.max_consecutive_bad_steps": "3"}),
-    Case("bad-steps-negative", ("--training.max_consecutive_bad_steps must be >= 0", "got -1"), {"training.skip_nan_inf": "true"}, argv=("--training.max_consecutive_bad_steps=-1",)),
-    Case("timeout-zero", ("--comm.init_timeout_seconds must be a positive integer, got 0",), {"comm.init_timeout_seconds": "0"}),
+    Case("bad-steps-without-skip", ("--training.max_consecutive_bad_steps only applies with --training.skip_nan_inf",), {"training.max_consecutive_bad_steps": "3"}, first_pass=True),
+    Case("bad-steps-negative", ("--training.max_consecutive_bad_steps must be >= 0", "got -1"), {"training.skip_nan_inf": "true"}, argv=("--training.max_consecutive_bad_steps=-1",), first_pass=True),
+    Case("timeout-zero", ("--comm.init_timeout_seconds must be a positive integer, got 0",), {"comm.init_timeout_seconds": "0"}, first_pass=True),
 ]  # fmt: skip
 
 
@@ -127,12 +130,28 @@ def test_bad_invocation_fails_clearly_and_changes_nothing(case, flags, tmp_path)
         proc = train(argv, check=False)
     else:
         dry = ["--job.dry_run"] if case.launcher == "dry-run" else []
-        proc = run(["bash", str(ROOT / "train.sh"), *argv, *dry], check=False, NGPU="2")
+        proc = run(["bash", str(ROOT / "train.sh"), *argv, *dry], check=False, NGPU=case.ngpu)
     assert_one_clean_message(proc, case.code, case.needles)
     after = snapshot(dump)
     if case.launcher == "train.sh":  # torchrun's per-rank log files of this attempt are added, nothing else
         after = {name: digest for name, digest in after.items() if not name.startswith("logs/")}
     assert after == before
+
+
+def test_value_mistakes_fail_before_torch_is_imported(flags, tmp_path):
+    """The first-pass rows, run by ``flame.cli.main`` in one fresh process: each returns 2 and torch is
+    never imported (a value mistake costs a fraction of a second, not the seconds of torch and the model)."""
+    cases = [c for c in CASES if c.first_pass]
+    argvs = [[*flags(tmp_path / c.id, c.overrides), *c.argv] for c in cases]
+    script = (
+        "import json, sys\nfrom flame.cli import main\n"
+        f"codes = [main(argv) for argv in {argvs!r}]\n"
+        "print(json.dumps({'codes': codes, 'torch': 'torch' in sys.modules}))"
+    )
+    proc = run([PYTHON, "-c", script])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"codes": [2] * len(cases), "torch": False}, proc.stderr
+    assert proc.stderr.count("flame: error:") == len(cases)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,13 @@
 
 ``validate`` collects every problem it finds and raises one ``ConfigError`` listing them all, each
 naming the flag and what is allowed, so a user fixes a config in one round trip.
+
+The checks come in two tiers. ``static_problems`` needs the config, the world size and the file system
+only: no torch, no model code, so the command (``flame.cli``) runs it in a fraction of a second, before
+its heavy imports, and a wrong number or a missing file fails at once. ``validate`` runs it again with
+the checks that need torch, the model's config or the device (optimizer names, pipeline schedules,
+tensor- and context-parallel shapes, GPU-only features, distillation); it is what ``Trainer`` and the
+experiment planner call.
 """
 
 from __future__ import annotations
@@ -46,8 +53,24 @@ def _get(config: JobConfig, dotted: str) -> object:
 
 def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> None:
     """Raise one ConfigError listing every problem of ``config`` for ``world_size`` ranks."""
-    import flame.models.families  # noqa: F401  (the checks below look model families up)
+    problems = static_problems(config, world_size)
+    problems.extend(_runtime_problems(config, world_size, device_type, valid_so_far=not problems))
+    if problems:
+        raise ConfigError(problems)
 
+
+def check_static(config: JobConfig, world_size: int) -> None:
+    """Raise one ConfigError listing the problems ``static_problems`` finds (the command's first pass)."""
+    problems = static_problems(config, world_size)
+    if problems:
+        raise ConfigError(problems)
+
+
+def static_problems(config: JobConfig, world_size: int) -> list[str]:
+    """The problems found from the config's values, the world size and the file system alone.
+
+    Imports nothing heavy (this module's imports, the data checks and the fork's schedule checks are
+    plain Python); a test runs the command's first pass and asserts that torch stays unimported."""
     problems: list[str] = []
     t, o, s = config.training, config.optimizer, config.lr_scheduler
 
@@ -82,7 +105,6 @@ def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> No
         all(0 <= b < 1 for b in betas),
         f"optimizer betas must be in [0, 1), got {betas}",
     )
-    _check_optimizer_name(o.name, problems)
     need(
         s.warmup_steps >= 0,
         f"--lr_scheduler.warmup_steps must be >= 0, got {s.warmup_steps}",
@@ -129,13 +151,6 @@ def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> No
         need(not os.path.exists(seed), f"--checkpoint.create_seed_checkpoint: {seed} exists already; remove it first")
 
     e = config.experimental
-    from flame.parallel.pipeline import SCHEDULES, schedule_names
-
-    if e.pipeline_parallel_schedule not in SCHEDULES:
-        problems.append(
-            f"--experimental.pipeline_parallel_schedule: {e.pipeline_parallel_schedule!r} is not a supported "
-            f"schedule; choose one of: {schedule_names()}"
-        )
     if e.pipeline_parallel_microbatches is not None and e.pipeline_parallel_microbatches < 1:
         problems.append(
             f"--experimental.pipeline_parallel_microbatches must be >= 1, got {e.pipeline_parallel_microbatches}"
@@ -143,17 +158,38 @@ def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> No
 
     _check_data(config, world_size, problems)
     _check_files(config, problems)
-    _check_degrees(config, world_size, problems, device_type)
-    from flame.components.fork import fork_problems, schedule_problems  # trunks, forks, rung checkpoints
+    _check_degrees(config, world_size, problems)
+    from flame.components.fork import schedule_problems  # the schedule's length, rung checkpoints
 
     problems.extend(schedule_problems(config))
-    if config.checkpoint.fork_from and not problems:  # the fork's checks need a valid layout
-        dp = resolve_dp_shard(config, world_size) * config.training.data_parallel_replicate_degree
-        problems.extend(fork_problems(config, dp))
-
     for flag, (default, what) in NOT_YET.items():
         if _get(config, flag) != default:
             problems.append(f"--{flag}: {what} is not supported yet in this version of flame; leave it at {default!r}")
+    _check_compile_features(config, world_size, problems)
+    return problems
+
+
+def _runtime_problems(config: JobConfig, world_size: int, device_type: str, valid_so_far: bool) -> list[str]:
+    """The checks that import torch or model code, or need the device: ``validate``'s second tier."""
+    import flame.models.families  # noqa: F401  (the checks below look model families up)
+
+    problems: list[str] = []
+    _check_optimizer_name(config.optimizer.name, problems)
+    e = config.experimental
+    from flame.parallel.pipeline import SCHEDULES, schedule_names
+
+    if e.pipeline_parallel_schedule not in SCHEDULES:
+        problems.append(
+            f"--experimental.pipeline_parallel_schedule: {e.pipeline_parallel_schedule!r} is not a supported "
+            f"schedule; choose one of: {schedule_names()}"
+        )
+    if _degrees_valid(config):
+        _check_parallel_shapes(config, problems, device_type)
+    from flame.components.fork import fork_problems  # trunks and forks
+
+    if config.checkpoint.fork_from and valid_so_far and not problems:  # the fork's checks need a valid layout
+        dp = resolve_dp_shard(config, world_size) * config.training.data_parallel_replicate_degree
+        problems.extend(fork_problems(config, dp))
     for flag, (default, what) in GPU_ONLY.items():
         current = _get(config, flag)
         bad = current == _GPU_ONLY_VALUES[flag] if flag in _GPU_ONLY_VALUES else current != default
@@ -162,12 +198,10 @@ def validate(config: JobConfig, world_size: int, device_type: str = "cpu") -> No
     from flame.parallel.float8 import float8_problems
 
     problems.extend(float8_problems(config, device_type))
-    _check_compile_features(config, world_size, problems)
     from flame.distill.checks import distill_problems  # the [distill] section (flame/distill/checks.py)
 
     problems.extend(distill_problems(config, world_size, device_type))
-    if problems:
-        raise ConfigError(problems)
+    return problems
 
 
 def _check_compile_features(config: JobConfig, world_size: int, problems: list[str]) -> None:
@@ -244,15 +278,20 @@ def _check_optimizer_name(name: str, problems: list[str]) -> None:
 def _check_data(config: JobConfig, world_size: int, problems: list[str]) -> None:
     # The data checks live with the data code (build_dataloader runs them too); here they also
     # report flags that would be ignored, such as context_len without varlen.
-    from flame.data.checks import data_problems, dataset_problems, shuffle_problems
-    from flame.data.flags import validation_flags
+    from flame.data.checks import data_problems, dataset_problems, shuffle_problems, source_problems
+    from flame.data.flags import training_flags, validation_flags
 
     problems.extend(data_problems(config.training, ignored_flags=True))
+    if not dataset_problems(training_flags(config.training)):  # entries well formed: check their files
+        problems.extend(source_problems(training_flags(config.training)))
     dp = config.training.data_parallel_replicate_degree * resolve_dp_shard(config, world_size)
     problems.extend(shuffle_problems(config.training, max(dp, 1)))
     if config.validation.enable:
-        problems.extend(p for p in dataset_problems(validation_flags(config.validation, config.training))
-                        if p.startswith("--validation."))  # the training entries are reported above  # fmt: skip
+        flags = validation_flags(config.validation, config.training)
+        own = [p for p in dataset_problems(flags) if p.startswith("--validation.")]  # training's are above
+        problems.extend(own)
+        if not own and not flags.borrowed:
+            problems.extend(source_problems(flags))
     if config.training.varlen and config.experimental.pipeline_parallel_degree > 1:
         # the pipeline stages pass hidden states only: document boundaries would be lost silently
         problems.append(
@@ -278,42 +317,57 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.isdir(os.path.dirname(path))
 
 
-def _check_degrees(config: JobConfig, world_size: int, problems: list[str], device_type: str) -> None:
+def _degrees(config: JobConfig) -> dict[str, int]:
     t, e = config.training, config.experimental
-    degrees = {
+    return {
         "--training.data_parallel_replicate_degree": t.data_parallel_replicate_degree,
         "--training.tensor_parallel_degree": t.tensor_parallel_degree,
         "--experimental.pipeline_parallel_degree": e.pipeline_parallel_degree,
         "--experimental.context_parallel_degree": e.context_parallel_degree,
     }
+
+
+def _degrees_valid(config: JobConfig) -> bool:
+    shard = config.training.data_parallel_shard_degree
+    return all(v >= 1 for v in _degrees(config).values()) and (shard == -1 or shard >= 1)
+
+
+def _check_degrees(config: JobConfig, world_size: int, problems: list[str]) -> None:
+    t, e = config.training, config.experimental
+    degrees = _degrees(config)
     for flag, value in degrees.items():
         if value < 1:
             problems.append(f"{flag} must be >= 1, got {value}")
     if t.data_parallel_shard_degree == 0 or t.data_parallel_shard_degree < -1:
         problems.append(f"--training.data_parallel_shard_degree must be -1 or >= 1, got {t.data_parallel_shard_degree}")
         return
-    if any(v < 1 for v in degrees.values()):
+    if not _degrees_valid(config):
         return
     dp_shard = resolve_dp_shard(config, world_size)
     product = dp_shard
     for v in degrees.values():
         product *= v
-    if e.context_parallel_degree > 1:
-        from flame.parallel.checks import context_parallel_problems
-
-        problems.extend(context_parallel_problems(config, device_type))
-    elif t.tensor_parallel_degree > 1 and t.seq_len % t.tensor_parallel_degree:
+    if e.context_parallel_degree == 1 and t.tensor_parallel_degree > 1 and t.seq_len % t.tensor_parallel_degree:
         problems.append(
             f"--training.seq_len {t.seq_len} is not divisible by --training.tensor_parallel_degree "
             f"{t.tensor_parallel_degree}: sequence parallelism splits every sequence over the tensor-parallel ranks"
         )
-    if t.tensor_parallel_degree > 1 and os.path.exists(config.model.config):
-        from flame.parallel.checks import tensor_parallel_problems
-
-        problems.extend(tensor_parallel_problems(config))
     if product != world_size:
         problems.append(
             f"parallel degrees multiply to {product} (dp_replicate {t.data_parallel_replicate_degree} x dp_shard "
             f"{dp_shard} x tp {t.tensor_parallel_degree} x pp {e.pipeline_parallel_degree} x cp "
             f"{e.context_parallel_degree}) but the world size is {world_size}; they must multiply to the world size"
         )
+
+
+def _check_parallel_shapes(config: JobConfig, problems: list[str], device_type: str) -> None:
+    """Context- and tensor-parallel checks against the model's config and the device (torch, model code)."""
+    t, e = config.training, config.experimental
+    if e.context_parallel_degree > 1:
+        from flame.parallel.checks import context_parallel_problems
+
+        problems.extend(context_parallel_problems(config, device_type))
+    if t.tensor_parallel_degree > 1 and os.path.exists(config.model.config):
+        from flame.parallel.checks import tensor_parallel_problems
+
+        problems.extend(tensor_parallel_problems(config))

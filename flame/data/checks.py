@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from flame.config.errors import ConfigError
 from flame.config.schema import Training
 from flame.data.flags import DatasetFlags, training_flags
 
@@ -44,6 +45,20 @@ def dataset_problems(flags: DatasetFlags) -> list[str]:
         problems.append(
             f"{flags.flag('data_probs')} must all be positive numbers (weights, normalized to 1), got {probs}"
         )
+    return problems
+
+
+def source_problems(flags: DatasetFlags) -> list[str]:
+    """The files, globs and folders of each dataset entry (``resolve_source``: the file system only, no
+    data read; a hub name is left to ``datasets``). For entries that ``dataset_problems`` passed."""
+    from flame.data.sources import resolve_source
+
+    problems: list[str] = []
+    for index in range(len(flags.dataset)):
+        try:
+            resolve_source(flags, index)
+        except ConfigError as e:
+            problems.extend(e.problems)
     return problems
 
 

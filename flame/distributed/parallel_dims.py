@@ -7,12 +7,24 @@ validation can resolve the degrees (``resolve_dp_shard``) without it.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from flame.config.schema import JobConfig
 
 if TYPE_CHECKING:
     from torchtitan.distributed.parallel_dims import ParallelDims
+
+
+def world_size_from_env() -> int:
+    """The world size a launcher announced (1 when run as a plain process); no torch import, so the
+    command's first validation pass can use it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def dry_run_world_size() -> int:
+    """The ranks a dry run stands in for: train.sh's NNODE x NGPU, else the launcher's world size."""
+    return int(os.environ.get("FLAME_DRY_RUN_WORLD_SIZE", world_size_from_env()))
 
 
 def resolve_dp_shard(config: JobConfig, world_size: int) -> int:

@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from flame.distributed.parallel_dims import world_size_from_env
+
 
 def device_for_rank() -> torch.device:
     """CUDA device ``LOCAL_RANK`` when a GPU is visible, else the CPU."""
@@ -84,11 +86,6 @@ def set_collective_timeout(timeout_seconds: int) -> None:
         # Only real backends have a timeout (the fake backend of shape-only meshes has none).
         if "gloo" in str(backend) or "nccl" in str(backend):
             _set_pg_timeout(timeout, group)
-
-
-def world_size_from_env() -> int:
-    """The world size a launcher announced (1 when run as a plain process)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def launched_world_size() -> int:

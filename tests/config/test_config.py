@@ -99,6 +99,8 @@ def _valid(tmp_path) -> JobConfig:
     config.model.config = str(ROOT / "configs" / "llama_demo.json")
     config.model.tokenizer_path = str(tmp_path)
     config.training.dataset = ["json"]
+    (tmp_path / "train.jsonl").write_text('{"text": "a"}\n')
+    config.training.data_files = [str(tmp_path / "train.jsonl")]
     return config
 
 
