@@ -88,6 +88,28 @@ def sbatch(args: list[str], cwd: str) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
+def task_line(item: WorkItem) -> str:
+    """One line of a tasks file: what an array task needs to run ``item`` (``run_task`` reads it)."""
+    trial = item.trial
+    fields = {"stage": trial.stage, "key": item.key, "folder": item.folder, "kind": trial.kind, "ngpu": trial.ngpu}
+    return json.dumps({**fields, "command": stage_kind(trial.kind).command(trial)}) + "\n"
+
+
+def array_args(exp: Experiment, stage: Stage, folder: str, indices: str) -> list[str]:
+    """sbatch's flags for an array of ``stage`` over ``indices`` (``0-N%max_parallel``): requeued on
+    preemption, SIGUSR1 180 s before the time limit (the trial saves), logs under ``folder``/logs."""
+    return [
+        *_options(exp, stage),
+        f"--array={indices}",
+        f"--job-name=flame-{exp.name}-{stage.name}",
+        "--requeue",
+        "--signal=USR1@180",
+        "--open-mode=append",
+        f"--output={folder}/logs/%A_%a.out",
+        f"--chdir={os.getcwd()}",
+    ]
+
+
 def submit_stage(exp: Experiment, stage: Stage, items: list[WorkItem], records: Records) -> list[str]:
     """Submit ``items`` as array job(s) of their stage; the job ids."""
     from flame.experiments.local import write_trial_files
@@ -102,29 +124,8 @@ def submit_stage(exp: Experiment, stage: Stage, items: list[WorkItem], records: 
             for i in part:
                 item = items[i]
                 write_trial_files(item)
-                f.write(
-                    json.dumps(
-                        {
-                            "stage": stage.name,
-                            "key": item.key,
-                            "folder": item.folder,
-                            "kind": item.trial.kind,
-                            "ngpu": item.trial.ngpu,
-                            "command": stage_kind(item.trial.kind).command(item.trial),
-                        }
-                    )
-                    + "\n"
-                )
-        args = [
-            *_options(exp, stage),
-            f"--array=0-{len(part) - 1}%{exp.max_parallel}",
-            f"--job-name=flame-{exp.name}-{stage.name}",
-            "--requeue",
-            "--signal=USR1@180",
-            "--open-mode=append",
-            f"--output={folder}/logs/%A_%a.out",
-            f"--chdir={os.getcwd()}",
-        ]
+                f.write(task_line(item))
+        args = array_args(exp, stage, folder, f"0-{len(part) - 1}%{exp.max_parallel}")
         if jobs:  # chunks one after the other: max_parallel at a time in all
             args.append(f"--dependency=afterany:{jobs[-1]}")
         job = sbatch(
@@ -217,16 +218,7 @@ def _submit_workers(exp: Experiment, pending: Any, records: Records, result: dic
         folder = os.path.join(exp.root, "slurm")
         os.makedirs(os.path.join(folder, "logs"), exist_ok=True)
         spec = os.path.join(exp.root, "spec.toml")
-        args = [
-            *_options(exp, stage),
-            f"--array=0-{exp.max_parallel - 1}",
-            f"--job-name=flame-{exp.name}-{stage.name}",
-            "--requeue",
-            "--signal=USR1@180",
-            "--open-mode=append",
-            f"--output={folder}/logs/%A_%a.out",
-            f"--chdir={os.getcwd()}",
-        ]
+        args = array_args(exp, stage, folder, f"0-{exp.max_parallel - 1}")
         command = f"{shlex.quote(sys.executable)} -m flame.experiments.schedulers.worker {shlex.quote(spec)} {shlex.quote(stage.name)}"
         jobs = [sbatch([*args, "--wrap", command], os.getcwd())]
         records.append("workers", stage=stage.name, job=jobs[0], count=exp.max_parallel)

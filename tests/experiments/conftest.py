@@ -24,6 +24,33 @@ def fake_kind(monkeypatch):
     import tests.experiments.fake_kind  # noqa: F401  (registers kind "fake" in this process too)
 
 
+FAKE_SBATCH = """#!/usr/bin/env bash
+n=$(( $(cat "{log}" 2>/dev/null | wc -l) + 100 ))
+echo "$@" >> "{log}"
+echo "$n"
+"""
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path, monkeypatch):
+    """``fake_sbatch(max_array)``: an ``sbatch`` on PATH that logs its arguments and answers job ids 100,
+    101, ...; the cluster's MaxArraySize set to ``max_array``. Returns the log file."""
+
+    def install(max_array: int) -> Path:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        log = tmp_path / "sbatch.log"
+        (bin_dir / "sbatch").write_text(FAKE_SBATCH.format(log=log))
+        (bin_dir / "sbatch").chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+        from flame.experiments import slurm
+
+        monkeypatch.setattr(slurm, "max_array_size", lambda: max_array)
+        return log
+
+    return install
+
+
 @pytest.fixture(scope="session")
 def base_toml(byte_tokenizer, fixed_docs, tiny_llama, tmp_path_factory) -> str:
     """A complete, valid training TOML: the tiny Llama, byte tokenizer and fixed docs; checkpoints and

@@ -21,23 +21,9 @@ from tests.experiments.test_resume import SPEC, records, wait_for
 from tests.helpers import PYTHON, ROOT, env
 from tests.launch.conftest import slurm_cluster  # noqa: F401  (the fixture)
 
-FAKE_SBATCH = """#!/usr/bin/env bash
-n=$(( $(cat "{log}" 2>/dev/null | wc -l) + 100 ))
-echo "$@" >> "{log}"
-echo "$n"
-"""
 
-
-def test_arrays_throttle_chunk_and_chain(write_spec, tmp_path, monkeypatch):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "sbatch.log"
-    (bin_dir / "sbatch").write_text(FAKE_SBATCH.format(log=log))
-    (bin_dir / "sbatch").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    from flame.experiments import slurm
-
-    monkeypatch.setattr(slurm, "max_array_size", lambda: 2)
+def test_arrays_throttle_chunk_and_chain(write_spec, fake_sbatch, tmp_path):
+    log = fake_sbatch(2)
     spec = write_spec(
         SPEC.replace("ROOT", str(tmp_path / "exp")).replace("KIND", "fake").replace("STEPS", "4")
         + '[experiment.slurm]\npartition = "debug"\ntime = "00:30:00"\noptions = ["--qos=high"]\n'

@@ -14,7 +14,6 @@ import pytest
 
 from flame.experiments import api
 from tests.experiments.test_schedulers import spec_text
-from tests.experiments.test_slurm import FAKE_SBATCH
 from tests.helpers import PYTHON, ROOT, env
 from tests.launch.conftest import slurm_cluster  # noqa: F401  (the fixture)
 
@@ -31,16 +30,8 @@ def events(root) -> list[dict]:
         return [json.loads(x) for x in f]
 
 
-def test_hyperband_submits_one_array_per_bracket_and_rung(write_spec, tmp_path, monkeypatch):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "sbatch.log"
-    (bin_dir / "sbatch").write_text(FAKE_SBATCH.format(log=log))
-    (bin_dir / "sbatch").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    from flame.experiments import slurm
-
-    monkeypatch.setattr(slurm, "max_array_size", lambda: 1000)
+def test_hyperband_submits_one_array_per_bracket_and_rung(write_spec, fake_sbatch, tmp_path):
+    log = fake_sbatch(1000)
     text = spec_text("hyperband", space=SPACE).replace('"{root}"', f'"{tmp_path / "exp"}"')
     api.run(write_spec(text), launcher="slurm", echo=lambda *a, **k: None)
     calls = log.read_text().splitlines()

@@ -69,26 +69,13 @@ def claim(exp: Any, stage_name: str, me: str) -> tuple[Any, bool]:
 
 def run_piece(exp: Any, item: Any) -> int:
     """Run one piece like an array task of the Slurm launcher (train.sbatch for training)."""
-    from flame.experiments.kinds import stage_kind
     from flame.experiments.local import write_trial_files
-    from flame.experiments.slurm import run_task
+    from flame.experiments.slurm import run_task, task_line
 
     write_trial_files(item)
     tasks = os.path.join(os.path.dirname(item.folder), f".{os.path.basename(item.folder)}.task")
     with open(tasks, "w") as f:
-        f.write(
-            json.dumps(
-                {
-                    "stage": item.trial.stage,
-                    "key": item.key,
-                    "folder": item.folder,
-                    "kind": item.trial.kind,
-                    "ngpu": item.trial.ngpu,
-                    "command": stage_kind(item.trial.kind).command(item.trial),
-                }
-            )
-            + "\n"
-        )
+        f.write(task_line(item))
     return run_task(tasks, 0)
 
 
