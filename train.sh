@@ -56,7 +56,7 @@ MAX_RESTARTS="${MAX_RESTARTS:-0}"
 MASTER_ADDR="${MASTER_ADDR:-localhost}"
 # A dry run is one CPU process standing in for all NNODE x NGPU ranks (fake process group).
 if [ "$FLAME_DRY_RUN" = 1 ]; then
-  FLAME_DRY_RUN_WORLD_SIZE=$(( NNODE * NGPU )) exec "$PYTHON" -m flame.train "$@"
+  FLAME_DRY_RUN_WORLD_SIZE=$(( NNODE * NGPU )) exec "$PYTHON" -m flame.dry_run "$@"
 fi
 if [ -z "${MASTER_PORT:-}" ]; then
   if [ "$NNODE" -gt 1 ]; then MASTER_PORT=29500; else

@@ -8,7 +8,8 @@ turns that into exit code 75.
 
 The config's values are checked before anything heavy is imported (``check_static``: numbers, flags
 that need another flag, missing files, degrees against the world size), so such a mistake fails in a
-fraction of a second; the checks that need torch or the model follow in ``Trainer``.
+fraction of a second; the checks that need torch or the model follow in ``Trainer``. A dry run
+(``--job.dry_run``) skips this pass: it runs every check and reports every problem at once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from flame.config.errors import ConfigError
 from flame.config.loader import parse_args, to_dict
 from flame.config.validate import check_static
-from flame.distributed.parallel_dims import dry_run_world_size, world_size_from_env
+from flame.distributed.parallel_dims import world_size_from_env
 from flame.utils.console import fail, setup_logging
 
 
@@ -30,14 +31,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(tomli_w.dumps(to_dict(config)))
     setup_logging()
-    try:
-        check_static(config, dry_run_world_size() if config.job.dry_run else world_size_from_env())
-    except ConfigError as e:
-        return fail(("invalid config:\n" if len(e.problems) > 1 else "") + e.format())
-    if config.job.dry_run:
+    if config.job.dry_run:  # a dry run exists to check a config: it reports every problem at once
         from flame.dry_run import main as dry_run_main
 
         return dry_run_main(argv)
+    try:
+        check_static(config, world_size_from_env())
+    except ConfigError as e:
+        return fail(("invalid config:\n" if len(e.problems) > 1 else "") + e.format())
     from flame.components.fault import explain_runtime_error, install_signal_handlers
 
     install_signal_handlers()  # early: a SIGTERM/SIGUSR1 during start-up then stops after the first step

@@ -60,6 +60,20 @@ def torchrun(nproc: int, args: list[str], *, module: str = "flame.train", **kw) 
     return run(cmd, **kw)
 
 
+def valid_config(folder: Path, model: str = "llama_demo.json"):
+    """A JobConfig that passes ``validate``: ``configs/<model>``, ``folder`` as the tokenizer path (it
+    exists; nothing loads it) and a one-line JSON-lines file in ``folder`` as the data."""
+    from flame.config.schema import JobConfig
+
+    config = JobConfig()
+    config.model.config = str(ROOT / "configs" / model)
+    config.model.tokenizer_path = str(folder)
+    (Path(folder) / "train.jsonl").write_text('{"text": "a"}\n')
+    config.training.dataset = ["json"]
+    config.training.data_files = [str(Path(folder) / "train.jsonl")]
+    return config
+
+
 def read_metrics(dump_folder: str | Path) -> list[dict]:
     with open(Path(dump_folder) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -137,7 +138,7 @@ def run(
     with DriverLock(exp.root):
         records = Records(exp.root, writable=True)
         console = echo or LiveConsole(exp.root, lambda: status(exp))
-        records.append("start", pid=os.getpid(), launcher="local")
+        records.append("start", pid=os.getpid(), host=socket.gethostname(), launcher="local")
         launcher_ = LocalLauncher(exp, records, echo=console)
         if isinstance(console, Console):
             base = _summary_line(exp, records)

@@ -304,13 +304,15 @@ def _event_line(e: dict[str, Any]) -> str | None:
 
 
 def watch(status_fn, root: str, stream=None, interval: float = 2.0, until_end: bool = True) -> int:
-    """``status --watch``: show the experiment until it ends (or Ctrl-C). On a terminal the live
-    table; otherwise the table once, then one line per new event, then the table again."""
+    """``status --watch``: show the experiment until it ends (or Ctrl-C), or until nothing drives it any
+    more (its driver killed, its Slurm controller cancelled: exit code 1 and how to resume). On a
+    terminal the live table; otherwise the table once, then one line per new event, then the table again."""
     from flame.experiments.status import table
 
     stream = stream or sys.stdout
     tty = hasattr(stream, "isatty") and stream.isatty()
     seen = len(Records(root).events)
+    lost = None  # what stopped driving the experiment, when it stopped without its end
     if not tty:
         stream.write(table(status_fn()) + "\n")
         stream.flush()
@@ -338,6 +340,9 @@ def watch(status_fn, root: str, stream=None, interval: float = 2.0, until_end: b
             seen = len(records.events)
             if until_end and ended(records):
                 break
+            if until_end and status.get("driver", {}).get("state") == "lost":
+                lost = status["driver"]["hint"]
+                break
             time.sleep(interval)
     except KeyboardInterrupt:
         pass
@@ -346,5 +351,7 @@ def watch(status_fn, root: str, stream=None, interval: float = 2.0, until_end: b
             live.stop()
     if not tty:
         stream.write(table(status_fn()) + "\n")
-        stream.flush()
-    return 0
+    elif lost:
+        stream.write(f"not running: {lost}\n")
+    stream.flush()
+    return 1 if lost else 0

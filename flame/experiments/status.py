@@ -73,7 +73,47 @@ def build(exp: Experiment, states: list[StageState], records: Records, planned: 
                 "trials": rows,
             }
         )
-    return {"experiment": exp.name, "root": exp.root, "metric": exp.metric, "mode": exp.mode, "stages": stages}
+    return {
+        "experiment": exp.name,
+        "root": exp.root,
+        "metric": exp.metric,
+        "mode": exp.mode,
+        "driver": driver(records),
+        "stages": stages,
+    }
+
+
+def driver(records: Records) -> dict[str, Any]:
+    """What carries the experiment on now, from the records: ``{"state", "by", "hint"}``.
+
+    ``state``: ``none`` (never run), ``ended`` (its driver, or last controller, wrote the end: done,
+    stopped or interrupted), ``running`` (the local driver's process is alive, or the Slurm controller
+    job last submitted is still queued), ``lost`` (that process or job is gone and the experiment is not
+    complete: killed, cancelled, crashed; ``hint`` says how to resume), ``unknown`` (a local driver on
+    another host)."""
+    import socket
+
+    from flame.experiments.records import job_active, pid_alive
+
+    drivers = [e for e in records.events if e["event"] in ("start", "controller")]
+    ends = [e for e in records.events if e["event"] == "experiment"]
+    if not drivers:
+        return {"state": "none", "by": None, "hint": None}
+    last = drivers[-1]
+    if ends and ends[-1]["time"] >= last["time"]:
+        return {"state": "ended", "by": None, "hint": None, "status": ends[-1].get("status")}
+    again = "run the same `python -m flame.experiment run` command again to resume"
+    if last["event"] == "controller":
+        by = f"Slurm controller job {last['job']}"
+        if job_active(str(last["job"])):
+            return {"state": "running", "by": by, "hint": None}
+        return {"state": "lost", "by": by, "hint": f"{by} is no longer queued (cancelled or failed); {again}"}
+    by = f"local driver pid {last['pid']} on {last.get('host', '?')}"
+    if last.get("host") != socket.gethostname():
+        return {"state": "unknown", "by": by, "hint": None}
+    if pid_alive(last["pid"]):
+        return {"state": "running", "by": by, "hint": None}
+    return {"state": "lost", "by": by, "hint": f"{by} has exited without ending the experiment (killed); {again}"}
 
 
 def _fmt(value: Any) -> str:
@@ -114,6 +154,11 @@ def table(status: dict[str, Any]) -> str:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    d = status.get("driver") or {}
+    if d.get("state") == "running":
+        lines.append(f"driven by {d['by']}")
+    elif d.get("state") == "lost":
+        lines.append(f"not running: {d['hint']}")
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ from flame.config.errors import ConfigError
 from flame.config.loader import build_parser, field_specs, load_toml, parse_args, save_toml
 from flame.config.schema import JobConfig
 from flame.config.validate import validate
-from tests.helpers import ROOT
+from tests.helpers import ROOT, valid_config
 
 
 def write(tmp_path, text: str) -> str:
@@ -95,13 +95,7 @@ def test_all_problems_are_reported_together(tmp_path):
 
 
 def _valid(tmp_path) -> JobConfig:
-    config = JobConfig()
-    config.model.config = str(ROOT / "configs" / "llama_demo.json")
-    config.model.tokenizer_path = str(tmp_path)
-    config.training.dataset = ["json"]
-    (tmp_path / "train.jsonl").write_text('{"text": "a"}\n')
-    config.training.data_files = [str(tmp_path / "train.jsonl")]
-    return config
+    return valid_config(tmp_path)
 
 
 def test_validate_accepts_a_good_config(tmp_path):

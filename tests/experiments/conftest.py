@@ -34,14 +34,18 @@ echo "$n"
 @pytest.fixture
 def fake_sbatch(tmp_path, monkeypatch):
     """``fake_sbatch(max_array)``: an ``sbatch`` on PATH that logs its arguments and answers job ids 100,
-    101, ...; the cluster's MaxArraySize set to ``max_array``. Returns the log file."""
+    101, ...; the cluster's MaxArraySize set to ``max_array``; an ``squeue`` that prints the file
+    ``tmp_path/queue`` (the state of whatever job is asked about; empty: no such job). Returns the log file."""
 
     def install(max_array: int) -> Path:
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir()
         log = tmp_path / "sbatch.log"
         (bin_dir / "sbatch").write_text(FAKE_SBATCH.format(log=log))
-        (bin_dir / "sbatch").chmod(0o755)
+        (tmp_path / "queue").write_text("PENDING\n")
+        (bin_dir / "squeue").write_text(f'#!/usr/bin/env bash\ncat "{tmp_path / "queue"}"\n')
+        for tool in ("sbatch", "squeue"):
+            (bin_dir / tool).chmod(0o755)
         monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
         from flame.experiments import slurm
 

@@ -10,7 +10,7 @@ import pytest
 
 import flame
 from flame.evaluate import main as evaluate_main
-from tests.helpers import read_metrics
+from tests.helpers import read_metrics, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,23 @@ def test_evaluate_equals_the_trainers_validation(trained, tmp_path):
         assert evaluate_main(["--model_path", str(source), *args[:2], "--job.dump_folder", str(target)]) == 0
         other = json.loads((target / "summary.json").read_text())
         assert other["validation_loss"] == pytest.approx(got["validation_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_evaluate_on_two_ranks_equals_one(trained, tmp_path):
+    """``torchrun --nproc_per_node 2 -m flame.evaluate`` (what an evaluate stage with ngpu = 2 runs): the
+    checkpoint loaded under FSDP2 over 2 ranks, each batch split between them, the sums reduced; with
+    half the per-device batch (validation.batch_size is per device) the same tokens as one process, and
+    the same numbers up to the summation order."""
+    dump, _, _ = trained
+    args = ["--model_path", str(dump / "checkpoint" / "step-4"), "--job.config_file", str(dump / "config.toml")]
+    assert evaluate_main([*args, "--job.dump_folder", str(tmp_path / "one")]) == 0
+    halved = ["--validation.batch_size", "2", "--job.dump_folder", str(tmp_path / "two")]
+    torchrun(2, [*args, *halved], module="flame.evaluate")
+    one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
+    assert two["validation_tokens"] == one["validation_tokens"]
+    assert two["validation_bytes"] == one["validation_bytes"]
+    assert two["validation_loss"] == pytest.approx(one["validation_loss"], rel=1e-5)
 
 
 def test_evaluate_refuses_to_write_into_the_models_folder(trained, capsys):

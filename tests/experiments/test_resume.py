@@ -88,6 +88,9 @@ def kill_and_resume(write_spec, tmp_path: Path, kind: str, steps: int, timeout: 
     exit_file = root / "search" / second / "exit.json"
     wait_for(exit_file.exists, timeout, "the interrupted trial to stop")
     assert json.loads(exit_file.read_text())["code"] == 75
+    lost = api.status(spec)  # the driver's pid is gone and the experiment has no end: flagged, with the way on
+    assert lost["driver"]["state"] == "lost", lost["driver"]
+    assert f"local driver pid {driver.pid}" in lost["driver"]["hint"] and "again to resume" in lost["driver"]["hint"]
     first = next(e for e in records(root) if e["event"] == "end" and e["status"] == "done")["trial"]
     untouched = {name: digest(root / "search" / first / name) for name in ("metrics.jsonl", "summary.json")}
     proc = subprocess.run(
@@ -112,6 +115,7 @@ def kill_and_resume(write_spec, tmp_path: Path, kind: str, steps: int, timeout: 
             (t["id"], t["status"], t["metric"]) for t in w["trials"]
         ]
         assert g["best"] == w["best"]
+    assert got["driver"]["state"] == "ended" and got["driver"]["status"] == "done"
 
 
 def test_kill_driver_and_resume(write_spec, tmp_path):

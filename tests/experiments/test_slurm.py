@@ -7,6 +7,7 @@ root), including one ``scancel`` of a running array task.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from flame.experiments import api
+from flame.experiments.status import table
 from tests.experiments.test_resume import SPEC, records, wait_for
 from tests.helpers import PYTHON, ROOT, env
 from tests.launch.conftest import slurm_cluster  # noqa: F401  (the fixture)
@@ -51,6 +53,18 @@ def test_arrays_throttle_chunk_and_chain(write_spec, fake_sbatch, tmp_path):
     # The plan says the same without submitting anything.
     plan = api.plan(spec, launcher="slurm")
     assert any("--array=0-1%1 + --array=0-0%1" in line for line in plan["launch"])
+    # While the controller job waits in the queue, it drives the experiment; once it is gone without the
+    # experiment's end (scancel, a node failure), status says so and how to go on, and --watch stops.
+    assert api.status(spec)["driver"] == {"state": "running", "by": "Slurm controller job 102", "hint": None}
+    (tmp_path / "queue").write_text("")
+    lost = api.status(spec)
+    assert lost["driver"]["state"] == "lost" and "controller job 102 is no longer queued" in lost["driver"]["hint"]
+    assert "not running: Slurm controller job 102" in table(lost)
+    from flame.experiments.live import watch
+
+    out = io.StringIO()
+    assert watch(lambda: api.status(spec), str(tmp_path / "exp"), stream=out, interval=0.01) == 1
+    assert out.getvalue().count("not running: Slurm controller job 102") == 2  # the table before and after
 
 
 def job_state(job: str) -> str:

@@ -12,7 +12,7 @@ from flame.config.errors import ConfigError
 from flame.config.schema import JobConfig
 from flame.config.validate import validate
 from flame.parallel.context_parallel import choose_path, gathered_order, shard_indices
-from tests.helpers import ROOT, read_metrics, torchrun, train
+from tests.helpers import read_metrics, torchrun, train, valid_config
 
 
 def test_shards_are_head_and_tail_chunks_and_cover_the_sequence():
@@ -24,10 +24,7 @@ def test_shards_are_head_and_tail_chunks_and_cover_the_sequence():
 
 
 def _config(tmp_path, model: str = "llama_demo.json", **experimental) -> JobConfig:
-    config = JobConfig()
-    config.model.config = str(ROOT / "configs" / model)
-    config.model.tokenizer_path = str(tmp_path)
-    config.training.dataset = ["json"]
+    config = valid_config(tmp_path, model)
     config.training.seq_len = 64
     config.experimental.context_parallel_degree = 2
     for key, value in experimental.items():
