@@ -76,15 +76,33 @@ class Records:
         return False
 
 
-def job_active(job: str) -> bool:
-    """Whether a Slurm job (or array task ``ID_i``) is still pending or running."""
-    import subprocess
+# Until when (time.monotonic) Slurm's controller is taken as unreachable: squeue takes ~18 s to give up,
+# so a status of many trials asks it once a minute, not once per trial.
+_slurm_unreachable_until = 0.0
 
+
+def job_state(job: str) -> bool | None:
+    """Whether a Slurm job (or array task ``ID_i``) is still pending or running: True, False (ended, or
+    unknown to Slurm), or None when Slurm cannot be asked (no client here, its controller unreachable)."""
+    global _slurm_unreachable_until
+    import subprocess
+    import time
+
+    if time.monotonic() < _slurm_unreachable_until:
+        return None
     try:
         out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
-    except OSError:  # no Slurm client here (the folder was driven on a cluster): nothing known to be running
-        return False
+    except OSError:  # no Slurm client here (the folder was driven on a cluster)
+        return None
+    if out.returncode != 0 and "Unable to contact" in out.stderr:
+        _slurm_unreachable_until = time.monotonic() + 60
+        return None
     return out.returncode == 0 and bool(out.stdout.strip())
+
+
+def job_active(job: str) -> bool:
+    """``job_state`` is True: the job is known to be pending or running."""
+    return job_state(job) is True
 
 
 def pid_alive(pid: int) -> bool:

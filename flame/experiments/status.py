@@ -90,10 +90,10 @@ def driver(records: Records) -> dict[str, Any]:
     stopped or interrupted), ``running`` (the local driver's process is alive, or the Slurm controller
     job last submitted is still queued), ``lost`` (that process or job is gone and the experiment is not
     complete: killed, cancelled, crashed; ``hint`` says how to resume), ``unknown`` (a local driver on
-    another host)."""
+    another host, or Slurm not reachable from here)."""
     import socket
 
-    from flame.experiments.records import job_active, pid_alive
+    from flame.experiments.records import job_state, pid_alive
 
     drivers = [e for e in records.events if e["event"] in ("start", "controller")]
     ends = [e for e in records.events if e["event"] == "experiment"]
@@ -105,7 +105,10 @@ def driver(records: Records) -> dict[str, Any]:
     again = "run the same `python -m flame.experiment run` command again to resume"
     if last["event"] == "controller":
         by = f"Slurm controller job {last['job']}"
-        if job_active(str(last["job"])):
+        queued = job_state(str(last["job"]))
+        if queued is None:
+            return {"state": "unknown", "by": by, "hint": "Slurm cannot be asked from here (squeue failed)"}
+        if queued:
             return {"state": "running", "by": by, "hint": None}
         return {"state": "lost", "by": by, "hint": f"{by} is no longer queued (cancelled or failed); {again}"}
     by = f"local driver pid {last['pid']} on {last.get('host', '?')}"

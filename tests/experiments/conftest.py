@@ -35,7 +35,9 @@ echo "$n"
 def fake_sbatch(tmp_path, monkeypatch):
     """``fake_sbatch(max_array)``: an ``sbatch`` on PATH that logs its arguments and answers job ids 100,
     101, ...; the cluster's MaxArraySize set to ``max_array``; an ``squeue`` that prints the file
-    ``tmp_path/queue`` (the state of whatever job is asked about; empty: no such job). Returns the log file."""
+    ``tmp_path/queue`` (the state of whatever job is asked about; empty: no such job; UNREACHABLE: squeue's
+    error for a controller it cannot contact) and logs its calls to ``tmp_path/squeue.log``. Returns the
+    log file of sbatch."""
 
     def install(max_array: int) -> Path:
         bin_dir = tmp_path / "bin"
@@ -43,13 +45,19 @@ def fake_sbatch(tmp_path, monkeypatch):
         log = tmp_path / "sbatch.log"
         (bin_dir / "sbatch").write_text(FAKE_SBATCH.format(log=log))
         (tmp_path / "queue").write_text("PENDING\n")
-        (bin_dir / "squeue").write_text(f'#!/usr/bin/env bash\ncat "{tmp_path / "queue"}"\n')
+        queue, calls = tmp_path / "queue", tmp_path / "squeue.log"
+        (bin_dir / "squeue").write_text(
+            f'#!/usr/bin/env bash\necho "$@" >> "{calls}"\n'
+            f'if grep -q UNREACHABLE "{queue}"; then echo "squeue: error: Unable to contact slurm controller" >&2; exit 1; fi\n'
+            f'cat "{queue}"\n'
+        )
         for tool in ("sbatch", "squeue"):
             (bin_dir / tool).chmod(0o755)
         monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
         from flame.experiments import slurm
 
         monkeypatch.setattr(slurm, "max_array_size", lambda: max_array)
+        monkeypatch.setattr("flame.experiments.records._slurm_unreachable_until", 0.0)
         return log
 
     return install

@@ -65,6 +65,14 @@ def test_arrays_throttle_chunk_and_chain(write_spec, fake_sbatch, tmp_path):
     out = io.StringIO()
     assert watch(lambda: api.status(spec), str(tmp_path / "exp"), stream=out, interval=0.01) == 1
     assert out.getvalue().count("not running: Slurm controller job 102") == 2  # the table before and after
+    # A controller that cannot be contacted: squeue is asked once (it takes ~18 s to give up), not once
+    # per trial; nothing is called lost or running.
+    (tmp_path / "queue").write_text("UNREACHABLE\n")
+    (tmp_path / "squeue.log").write_text("")
+    unknown = api.status(spec)
+    assert unknown["driver"]["state"] == "unknown" and "squeue failed" in unknown["driver"]["hint"]
+    assert len((tmp_path / "squeue.log").read_text().splitlines()) == 1
+    assert {t["status"] for t in unknown["stages"][0]["trials"]} == {"pending"}
 
 
 def job_state(job: str) -> str:
