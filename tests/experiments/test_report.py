@@ -349,3 +349,20 @@ def test_wandb_group_is_the_experiment_and_job_type_the_stage(tmp_path, monkeypa
     assert wandb_grouping(str(tmp_path)) == {"group": "toy", "job_type": "search"}
     monkeypatch.setenv("WANDB_RUN_GROUP", "mine")  # the user's own setting wins (wandb reads it)
     assert wandb_grouping(str(tmp_path)) == {"job_type": "search"}
+
+
+@pytest.mark.parametrize("status", ["done", "masked", "failed", "pruned", "stopped", "running", "pending"])
+def test_hparams_session_of_every_trial_status(tmp_path, status):
+    """Each trial status gets an HParams session TensorBoard reads back; ended ones with an end status
+    TensorBoard has (a stopped or pruned trial once named one it lacks, and the report failed)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    from flame.experiments.report.tensorboard import write_hparams
+
+    write_hparams(str(tmp_path), {"optimizer.lr": 1e-3}, status)
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tags = acc.PluginTagToContent("hparams")
+    assert metadata.SESSION_START_INFO_TAG in tags
+    assert (metadata.SESSION_END_INFO_TAG in tags) == (status not in ("running", "pending"))

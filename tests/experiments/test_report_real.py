@@ -91,3 +91,48 @@ def test_report_of_a_real_tiny_experiment(write_spec, monkeypatch):
         (run_file,) = glob.glob(os.path.join(t["dump_folder"], "wandb", "offline-run-*", "run-*.wandb"))
         data_bytes = open(run_file, "rb").read()
         assert b"real-tiny" in data_bytes  # the group (the experiment name appears nowhere else in the run)
+
+
+SHA_SPEC = """
+[experiment]
+name = "real-sha"
+root = "{root}"
+max_parallel = 2
+
+[[stage]]
+name = "search"
+config = "{base}"
+override = { "lr_scheduler.decay_ratio" = 0.2, "lr_scheduler.warmup_steps" = 1 }
+space = { "optimizer.lr" = { grid = [1e-3, 3e-3, 1e-2] } }
+scheduler = { kind = "sha", min = 2, max = 6, eta = 3, rung_metric = "cooldown" }
+"""
+
+
+@pytest.mark.slow
+def test_a_real_successive_halving_stage_continues_its_winner_and_reports_the_ladder(write_spec, monkeypatch):
+    """train.sh trials under successive halving (3 learning rates, rungs of 2 and 6 steps, cool-down rung
+    metrics): the rung's decision promotes the trial with the lowest cool-down validation loss, the promoted
+    trial continues from its step-2 checkpoint to step 6 (it is not retrained), the others stop at their
+    rung, and the report draws the rung ladder."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec = write_spec(SHA_SPEC)
+    result = api.run(spec, echo=lambda *a, **k: None)
+    stage = result.stage("search")
+    root = api.status(spec)["root"]
+    with open(os.path.join(root, "search", "decisions.jsonl")) as f:
+        (rung0, *_) = [d for d in map(json.loads, f) if "rung" in d]
+    competitors = rung0["competitors"]
+    assert len(competitors) == 3 and all(isinstance(m, float) for m in competitors.values())
+    assert rung0["promoted"] == [min(competitors, key=competitors.get)]
+    by_id = {t["id"]: t for t in stage["trials"]}
+    winner = by_id[rung0["promoted"][0]]
+    assert stage["best"] == winner["id"] and winner["step"] == 6 and winner["status"] == "done"
+    assert sorted(t["status"] for t in stage["trials"]) == ["done", "stopped", "stopped"]
+    assert all(t["step"] == 2 for t in stage["trials"] if t["status"] == "stopped")
+    records = [json.loads(line) for line in open(os.path.join(winner["dump_folder"], "metrics.jsonl"))]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]  # one run, continued
+    log = "".join(open(p).read() for p in glob.glob(os.path.join(winner["dump_folder"], "*.log")))
+    assert "resumed at step 2" in log, log[-2000:]
+    assert png_size(os.path.join(root, "report", "plots", "search_rungs.png"))[0] > 500
+    assert "search_rungs.png" in open(os.path.join(root, "report", "report.md")).read()

@@ -59,7 +59,7 @@ def _hparam_value(value: Any) -> Any:
 
 def write_hparams(folder: str, hparams: dict[str, Any], status: str) -> None:
     """The trial's HParams session as an event file: its start (the values) and, once it ended, its end
-    (success for done and masked trials, failure for failed ones, aborted for ones a scheduler stopped)."""
+    (success for done, masked, stopped and pruned trials, failure for failed ones)."""
     from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
     from torch.utils.tensorboard.summary import hparams as hparams_summary
@@ -70,8 +70,10 @@ def write_hparams(folder: str, hparams: dict[str, Any], status: str) -> None:
     _, start, _ = hparams_summary({k: _hparam_value(v) for k, v in hparams.items()}, {})
     writer = FileWriter(folder, filename_suffix=HPARAMS_SUFFIX)
     writer.add_summary(start)
+    # TensorBoard's statuses are unknown, success, failure and running: a trial a scheduler stopped at its
+    # rung (or a pruner stopped) ran what it was given without error, so it is a success there.
     ended = {"done": "STATUS_SUCCESS", "masked": "STATUS_SUCCESS", "failed": "STATUS_FAILURE"}
-    ended |= {"pruned": "STATUS_ABORTED", "stopped": "STATUS_ABORTED"}
+    ended |= {"pruned": "STATUS_SUCCESS", "stopped": "STATUS_SUCCESS"}
     if status in ended:  # a session without an end is shown as running
         info = plugin_data_pb2.SessionEndInfo(status=api_pb2.Status.Value(ended[status]))
         content = plugin_data_pb2.HParamsPluginData(session_end_info=info, version=metadata.PLUGIN_DATA_VERSION)
