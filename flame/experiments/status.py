@@ -91,6 +91,7 @@ def driver(records: Records) -> dict[str, Any]:
     job last submitted is still queued), ``lost`` (that process or job is gone and the experiment is not
     complete: killed, cancelled, crashed; ``hint`` says how to resume), ``unknown`` (a local driver on
     another host, or Slurm not reachable from here)."""
+    import os
     import socket
 
     from flame.experiments.records import job_state, pid_alive
@@ -112,6 +113,8 @@ def driver(records: Records) -> dict[str, Any]:
             return {"state": "running", "by": by, "hint": None}
         return {"state": "lost", "by": by, "hint": f"{by} is no longer queued (cancelled or failed); {again}"}
     by = f"local driver pid {last['pid']} on {last.get('host', '?')}"
+    if last["pid"] == os.getpid() and last.get("host") == socket.gethostname():
+        return {"state": "running", "by": "this process", "hint": None}
     if last.get("host") != socket.gethostname():
         return {"state": "unknown", "by": by, "hint": None}
     if pid_alive(last["pid"]):
@@ -158,7 +161,7 @@ def table(status: dict[str, Any]) -> str:
         for r in rows:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     d = status.get("driver") or {}
-    if d.get("state") == "running":
+    if d.get("state") == "running" and d["by"] != "this process":  # the driver's own table needs no such line
         lines.append(f"driven by {d['by']}")
     elif d.get("state") == "lost":
         lines.append(f"not running: {d['hint']}")

@@ -178,3 +178,29 @@ def test_status_while_another_process_drives(write_spec, tmp_path):
         driver.terminate()
         driver.wait(60)
     assert os.path.exists(tmp_path / "exp" / "records.jsonl")
+
+
+def test_the_drivers_own_table_says_nothing_of_a_driver(tmp_path):
+    """While the local driver prints its final table the experiment's end is not yet recorded: the driver
+    is this process (no 'driven by' line); another live process is named; one gone is lost."""
+    import socket
+
+    from flame.experiments.records import Records
+    from flame.experiments.status import driver, table
+
+    records = Records(str(tmp_path), writable=True)
+    records.append("start", pid=os.getpid(), host=socket.gethostname(), launcher="local")
+    mine = driver(Records(str(tmp_path)))
+    assert mine == {"state": "running", "by": "this process", "hint": None}
+    status = {"experiment": "x", "root": str(tmp_path), "stages": [], "driver": mine}
+    assert "driven by" not in table(status) and "not running" not in table(status)
+    other = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(30)"])
+    try:
+        records.append("start", pid=other.pid, host=socket.gethostname(), launcher="local")
+        assert driver(Records(str(tmp_path)))["by"] == f"local driver pid {other.pid} on {socket.gethostname()}"
+    finally:
+        other.kill()
+        other.wait()
+    assert driver(Records(str(tmp_path)))["state"] == "lost"
+    records.append("experiment", status="done")
+    assert driver(Records(str(tmp_path)))["state"] == "ended"
