@@ -171,6 +171,8 @@ def _forward_kl_with_grad(
         log_p.masked_fill_(padding, 0.0)
         log_q.masked_fill_(padding, 0.0)
     per_row = log_p.sub_(log_q).mul_(p).sum(dim=-1)  # Σ_v P (log P − log Q), this slice's part
+    if torch.isnan(per_row).any():  # a teacher logit of -inf: its 0 · (−inf) term contributes nothing
+        per_row = torch.where(p > 0, log_p, torch.zeros((), dtype=log_p.dtype, device=log_p.device)).sum(dim=-1)
     total = view.reduce_for_replicated(per_row).sum() * (t * t)
     grad = log_q.exp_().sub_(p)  # Q − P, in place (log Q is not needed any more)
     if padding is not None:

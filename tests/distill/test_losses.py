@@ -71,6 +71,19 @@ def test_forward_kl_gradient_is_t_times_q_minus_p(temperature):
     assert torch.allclose(zs.grad, want, atol=1e-6)
 
 
+def test_forward_kl_with_a_teacher_logit_of_minus_infinity():
+    """A token the teacher rules out (logit -inf, P = 0) adds nothing to KL(P‖Q), and its gradient is T·Q."""
+    zs, zt = logits(seed=8).requires_grad_(True), logits(seed=9)
+    zt[:, 3] = float("-inf")
+    labels = torch.zeros(6, dtype=torch.long)
+    got = kd_loss_sum(zs, labels, zt, KDSpec("forward_kl", 2.0), vocab_size=V)
+    got.backward()
+    p, q = torch.softmax(zt / 2.0, -1), torch.softmax(zs.detach() / 2.0, -1)
+    want = 4.0 * torch.where(p > 0, p * (p.log() - q.log()), torch.zeros(())).sum()
+    assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert torch.allclose(zs.grad, 2.0 * (q - p), atol=1e-6)
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_gradient_equals_autograd_of_the_direct_formula(loss):
     zs, zt = logits(seed=8).double().requires_grad_(True), logits(seed=9).double()
