@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_args(argv)
     except ConfigError as e:
-        return fail(("bad arguments:\n" if len(e.problems) > 1 else "") + e.format())
+        return fail(e.format("bad arguments"))
     if config.job.print_args:
         import tomli_w
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_static(config, world_size_from_env())
     except ConfigError as e:
-        return fail(("invalid config:\n" if len(e.problems) > 1 else "") + e.format())
+        return fail(e.format("invalid config"))
     from flame.components.fault import explain_runtime_error, install_signal_handlers
 
     install_signal_handlers()  # early: a SIGTERM/SIGUSR1 during start-up then stops after the first step
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(config)  # validates the config first, before any process group or work
         trainer.train()
     except ConfigError as e:
-        return fail(("invalid config:\n" if len(e.problems) > 1 else "") + e.format())
+        return fail(e.format("invalid config"))
     except RuntimeError as e:  # divergence, a failed save, a collective timeout (see fault.py), a lost rank
         message = explain_runtime_error(e, config)
         if message is None:

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dry_run(config, world_size)
     except ConfigError as e:
-        return fail(("invalid config:\n" if len(e.problems) > 1 else "") + e.format())
+        return fail(e.format("invalid config"))
     return 0
 
 

@@ -14,7 +14,8 @@ class ConfigError(Exception):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__(self.format())
 
-    def format(self) -> str:
+    def format(self, head: str = "") -> str:
+        """The one problem, or the list of them under ``head`` (``"invalid config"``) when there are several."""
         if len(self.problems) == 1:
             return self.problems[0]
-        return "\n".join(f"  - {p}" for p in self.problems)
+        return (f"{head}:\n" if head else "") + "\n".join(f"  - {p}" for p in self.problems)

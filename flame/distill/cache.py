@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         validate(online, world_size, "cuda" if torch.cuda.is_available() else "cpu")
         meta = write_cache(config, world_size)
     except ConfigError as e:
-        return fail(("invalid config:\n" if len(e.problems) > 1 else "") + e.format())
+        return fail(e.format("invalid config"))
     gib = meta["rows_per_rank"] * meta["data"]["training.seq_len"] * meta["bytes_per_token"] / 2**30
     print(f"teacher cache written to {config.distill.teacher_cache}: {gib:.3f} GiB per data-parallel rank")
     return 0
