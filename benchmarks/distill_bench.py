@@ -190,6 +190,41 @@ def kd_memory(chunk_size: int, device: str) -> dict:
     return {"chunk_size": chunk_size, "extra_gib": (peak - before) / 2**30, "logits_gib": student.numel() * 4 / 2**30}
 
 
+def kd_term_times(device: str, rounds: int = 21) -> dict:
+    """Forward + backward of the KD term (dense forward KL) against cross-entropy on the same 1,024 x 4,096
+    student logits (the step-time batch's shape), medians over ``rounds``, per chunk size."""
+    import torch
+    import torch.nn.functional as F
+
+    from flame.distill.losses import KDSpec, kd_loss_sum
+
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    student = torch.randn(1024, 4096, device=dev, generator=g).requires_grad_(True)
+    teacher = torch.randn(1024, 4096, device=dev, generator=g)
+    labels = torch.randint(0, 4096, (1024,), device=dev, generator=g)
+
+    def median_ms(fn) -> float:
+        fn()
+        samples = []
+        for _ in range(rounds):
+            student.grad = None
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn().backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            samples.append(1000 * (time.perf_counter() - t0))
+        return median(samples)
+
+    out = {"cross_entropy_ms": median_ms(lambda: F.cross_entropy(student, labels, reduction="sum"))}
+    for chunk in (1024, 256):
+        spec = KDSpec("forward_kl", 1.0, 0.5, None, chunk)
+        out[f"kd_{chunk}_ms"] = median_ms(lambda spec=spec: kd_loss_sum(student, labels, teacher, spec, 4096))
+    return out
+
+
 def memory_rows(device: str) -> list[dict]:
     rows = []
     for chunk in (0, 1024, 256):
@@ -215,9 +250,16 @@ def main() -> None:
     rounds, steps = (2, 3) if args.quick else (args.rounds, args.steps)
     start = time.perf_counter()
     times = step_times(rounds, steps, args.device)
+    kd_term = kd_term_times(args.device, 3 if args.quick else 21)
     memory = memory_rows(args.device)
     cache = cache_costs(4 if args.quick else 24)
-    result = {"times": times, "memory": memory, "cache": cache, "seconds": time.perf_counter() - start}
+    result = {
+        "times": times,
+        "kd_term": kd_term,
+        "memory": memory,
+        "cache": cache,
+        "seconds": time.perf_counter() - start,
+    }
     print(json.dumps(result, indent=1))
     if args.json_out:
         with open(args.json_out, "w") as f:
@@ -252,6 +294,10 @@ parameters, teacher {times["params"]["teacher"] / 1e6:.2f}M, batch 8 x 128, voca
 {table(["variant", "wall ms", "CPU ms"], rows)}
 
 Target <= 1.15.
+
+The KD term alone (dense forward KL, forward + backward, median of 21) on 1,024 x 4,096 student logits, against
+cross-entropy on the same logits: {kd_term["kd_1024_ms"]:.1f} ms in 1,024-token chunks ({kd_term["kd_1024_ms"] / kd_term["cross_entropy_ms"]:.2f}x
+cross-entropy's {kd_term["cross_entropy_ms"]:.1f} ms), {kd_term["kd_256_ms"]:.1f} ms in 256-token chunks ({kd_term["kd_256_ms"] / kd_term["cross_entropy_ms"]:.2f}x).
 
 Peak memory of one KD forward + backward above its inputs ({TOKENS:,} tokens x {VOCAB:,} vocabulary, fp32 logits of
 {memory[0]["logits_gib"]:.2f} GiB per model; fresh process each):
