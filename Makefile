@@ -21,7 +21,7 @@ demo: venv
 	bash scripts/demo.sh
 
 test: venv
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadscope --durations=15
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow --durations=10

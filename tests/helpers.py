@@ -39,25 +39,48 @@ def free_port() -> int:
 def run(cmd: list[str], *, check: bool = True, timeout: int = 600, **extra_env: str) -> subprocess.CompletedProcess:
     """Run a command; on an unexpected failure, show its whole output."""
     proc = subprocess.run(cmd, cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
+    return _checked(proc, check)
+
+
+def _checked(proc: subprocess.CompletedProcess, check: bool) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+            f"{' '.join(map(str, proc.args))} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
         )
     return proc
 
 
-def train(args: list[str], **kw) -> subprocess.CompletedProcess:
-    """``python -m flame.train`` in a fresh process."""
-    return run([PYTHON, "-m", "flame.train", *args], **kw)
+def train(args: list[str], *, check: bool = True, timeout: int = 600, **extra_env: str) -> subprocess.CompletedProcess:
+    """``python -m flame.train args`` in a fresh process (forked from one with the imports done, see
+    ``tests.forked``)."""
+    from tests.forked import launch
+
+    return _checked(launch("flame.train", args, env(**extra_env), cwd=ROOT, timeout=timeout), check)
 
 
-def torchrun(nproc: int, args: list[str], *, module: str = "flame.train", **kw) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node=nproc -m module args`` on a free port (gloo on CPU)."""
+def torchrun(
+    nproc: int,
+    args: list[str],
+    *,
+    module: str = "flame.train",
+    launcher: str = "forked",
+    check: bool = True,
+    timeout: int = 600,
+    **extra_env: str,
+) -> subprocess.CompletedProcess:
+    """``python -m module args`` on ``nproc`` gloo ranks with torchrun's worker environment, on a free
+    port. ``launcher="forked"``: the ranks are forked from a process with the imports done
+    (``tests.forked``); ``"torchrun"``: the real ``torchrun`` (where its agent is under test)."""
+    if launcher == "forked":
+        from tests.forked import launch
+
+        proc = launch(module, args, env(**extra_env), nproc=nproc, port=free_port(), cwd=ROOT, timeout=timeout)
+        return _checked(proc, check)
     cmd = [
         PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
         f"--rdzv_endpoint=127.0.0.1:{free_port()}", "-m", module, *args,
     ]  # fmt: skip
-    return run(cmd, **kw)
+    return run(cmd, check=check, timeout=timeout, **extra_env)
 
 
 def valid_config(folder: Path, model: str = "llama_demo.json"):

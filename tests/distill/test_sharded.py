@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 
-from tests.helpers import PYTHON, free_port, run
+from tests.helpers import torchrun
 
 
 def test_vocab_sharded_loss_and_gradient_equal_the_dense_ones():
-    cmd = [
-        PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
-        f"--rdzv_endpoint=127.0.0.1:{free_port()}", "-m", "tests.distill.sharded_check",
-    ]  # fmt: skip
-    proc = run(cmd, timeout=300)
+    proc = torchrun(2, [], module="tests.distill.sharded_check", timeout=300)
     records = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
     # 4 losses x (dense at 2 sizes + top-3 at 2 sizes + top-7 at 2 sizes)
     assert len(records) == 24, proc.stdout

@@ -117,14 +117,11 @@ def test_teacher_on_two_ranks_matches_one_process_and_is_sharded(hf_teacher, byt
     logits stay vocabulary-sharded (loss parallel); CP x2: each rank gets the logits of its sequence shard."""
     import json
 
-    from tests.helpers import PYTHON, free_port, run
+    from tests.helpers import torchrun
 
-    cmd = [
-        PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
-        f"--rdzv_endpoint=127.0.0.1:{free_port()}", "-m", "tests.distill.teacher_layout_check",
-        hf_teacher, byte_tokenizer, layout,
-    ]  # fmt: skip
-    out = run(cmd, timeout=300).stdout
+    out = torchrun(
+        2, [hf_teacher, byte_tokenizer, layout], module="tests.distill.teacher_layout_check", timeout=300
+    ).stdout
     (record,) = [json.loads(line.split("RESULT ", 1)[1]) for line in out.splitlines() if "RESULT " in line]
     assert record["max_diff"] <= 1e-5, record
     if layout in ("fsdp", "ddp", "cp"):  # under CP the student's FSDP axis is dp_shard x cp: the teacher's too

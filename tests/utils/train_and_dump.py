@@ -7,6 +7,7 @@ the logits are exactly those of the model that wrote the last checkpoint. The ou
 ``{"ids": ..., "logits": ...}`` (float32), the reference the exported Hugging Face model must match.
 """
 
+import os
 import sys
 
 import torch
@@ -17,7 +18,7 @@ def main(ids_path: str, out_path: str, args: list[str]) -> None:
     from flame.config.loader import parse_args
     from flame.trainer import Trainer
 
-    if dist.is_torchelastic_launched():  # its own process: the start-up line on stdout, as `flame.train` prints it
+    if "RANK" in os.environ:  # one of N ranks of its own: the start-up line on stdout, as `flame.train` prints it
         from flame.cli import setup_logging
 
         setup_logging()
