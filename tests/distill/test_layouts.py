@@ -1,4 +1,4 @@
-"""Distillation under the parallel layouts against one process (real torchrun on gloo), with the layout
+"""Distillation under the parallel layouts against one process (gloo ranks, tests.helpers.torchrun), with the layout
 tests' tolerances (tests/parallel/test_layouts.py): the loss, ce_loss, kd_loss and gradient norm of every
 step, and the validation loss, KL to the teacher and top-1 agreement.
 

@@ -1,5 +1,5 @@
 """fla families on the CPU path (flame/models/fla_reference.py): one process, and tensor/context
-parallelism against it with real torchrun processes on gloo.
+parallelism against it on gloo ranks (tests.helpers.torchrun).
 
 The CPU path swaps fla's Triton kernels for PyTorch (exact up to rounding); the parallel plans around
 them are the ones that run on the GPU with fla's kernels. Tolerances as in test_layouts.py: losses

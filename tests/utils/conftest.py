@@ -93,7 +93,7 @@ def hf_start(tmp_path_factory, byte_tokenizer) -> str:
 
 @pytest.fixture(scope="session")
 def trained_runs(tmp_path_factory, hf_start, byte_tokenizer, fixed_docs) -> dict[str, dict]:
-    """The real trainer, started from ``hf_start``: 2 FSDP ranks under torchrun, and one process.
+    """The real trainer, started from ``hf_start``: 2 FSDP ranks (tests.helpers.torchrun), and one process.
 
     Each run trains 4 steps, saves ``checkpoint/step-2`` and ``step-4``, and the trained model's logits on
     fixed ids.

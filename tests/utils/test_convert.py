@@ -114,7 +114,7 @@ def run(tmp_path_factory, tied_config, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def sharded(trained_runs):
-    """A checkpoint written by the real trainer on 2 FSDP2 ranks under torchrun (untied embeddings)."""
+    """A checkpoint written by the real trainer on 2 FSDP2 ranks (tests.helpers.torchrun) (untied embeddings)."""
     return trained_runs["fsdp"]
 
 
