@@ -1,4 +1,4 @@
-"""Parallel layouts against one process: per-step loss and gradient norm, 2 gloo ranks (tests.helpers.torchrun).
+"""Parallel layouts against one process: per-step loss and gradient norm, gloo ranks (tests.helpers.torchrun).
 
 Tolerances (fp32 on CPU): losses within 1e-5 absolute, gradient norms within 1e-4 relative: the
 layouts differ only in the order of floating-point sums (all-reduces, sharded matmuls). Measured:
