@@ -186,6 +186,49 @@ def _forward_kl_with_grad(
     return total, grad
 
 
+def _topk_forward_kl_with_grad(
+    student: torch.Tensor, targets: TopKTargets, view: VocabView, t: float, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k forward KL of fp32 student logits ``[n, width]`` against the teacher's top-k ``targets``: the
+    same value as ``chunk_losses`` and its gradient with respect to the student's logits in closed form.
+
+    With the coarsened distributions of the module docstring (categories: the k ids S, and the rest R),
+    s = Σ_c P_c (1 up to the teacher's rounding) and Q^R the student's softmax over the ids outside S:
+    ``d/dz_v = T (s·Q_v − P_v)`` for v in S and ``T (s·Q_v − P_R·Q^R_v)`` elsewhere. The student's
+    log-normaliser is assembled from the rest's and the k top logits, so one vocabulary-sized
+    exponential serves both the rest mass and Q^R; Q is written into ``out`` when given (the chunk's rows
+    of the gradient buffer) and the gradient is built there in place."""
+    zs = view.mask_padding(student)
+    if t != 1.0:
+        zs = zs / t
+    z_top = view.gather(zs, targets.ids)  # [n, k], the same on every rank
+    rest = view.without(zs, targets.ids)  # a copy: exponentiated in place below
+    m = view.max(rest)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    rest_sum = view.reduce_for_replicated(rest.sub_(m.unsqueeze(-1)).exp_().sum(dim=-1))
+    nonempty = rest_sum > 0  # empty when the top-k cover the vocabulary
+    safe_sum = torch.where(nonempty, rest_sum, torch.ones_like(rest_sum))
+    lse_rest = torch.where(nonempty, m + torch.log(safe_sum), torch.full_like(m, float("-inf")))
+    lse = torch.logaddexp(lse_rest, torch.logsumexp(z_top, dim=-1))
+    log_q = torch.cat([z_top - lse.unsqueeze(-1), (lse_rest - lse).unsqueeze(-1)], dim=-1)
+    log_p = torch.cat([targets.logprobs, targets.log_rest.unsqueeze(-1)], dim=-1)
+    total = divergence(log_p, log_q, "forward_kl", 0.0).sum() * (t * t)
+    p_top, p_rest = torch.exp(targets.logprobs), torch.exp(targets.log_rest)
+    direct = out is not None and out.shape == zs.shape
+    q = torch.sub(zs, lse.unsqueeze(-1), out=out) if direct else zs - lse.unsqueeze(-1)
+    grad = q.exp_().mul_((p_top.sum(dim=-1) + p_rest).unsqueeze(-1))  # s·Q
+    grad.sub_(rest.mul_(torch.where(nonempty, p_rest / safe_sum, torch.zeros_like(p_rest)).unsqueeze(-1)))
+    local, inside = view.local_ids(targets.ids, grad.shape[-1])
+    grad.scatter_add_(-1, local, torch.where(inside, -p_top, torch.zeros_like(p_top)))  # − P_v on S
+    if t != 1.0:
+        grad.mul_(t)
+    if grad.shape[-1] != student.shape[-1]:  # padding columns dropped: they get a zero gradient
+        full = torch.zeros_like(student)
+        full[:, : grad.shape[-1]] = grad
+        grad = full
+    return total, grad
+
+
 class _ChunkedKD(torch.autograd.Function):
     """Sum of ``chunk_losses`` over the target tokens, chunk by chunk; the gradient with respect to the
     student's logits is computed in the forward (one chunk at a time, into one buffer) and scaled in
@@ -203,11 +246,8 @@ class _ChunkedKD(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         num_tokens = student.shape[0]
         chunk = spec.chunk_size if spec.chunk_size > 0 else max(num_tokens, 1)
-        dense_forward_kl = (
-            teacher_logits is not None
-            and spec.top_k is None
-            and (spec.loss == "forward_kl" or (spec.loss == "jsd" and spec.beta == 0.0))
-        )
+        forward_kl = spec.loss == "forward_kl" or (spec.loss == "jsd" and spec.beta == 0.0)
+        dense = teacher_logits is not None and spec.top_k is None
         for start in range(0, num_tokens, chunk):
             end = min(start + chunk, num_tokens)
             rows: torch.Tensor | slice
@@ -219,9 +259,14 @@ class _ChunkedKD(torch.autograd.Function):
                     continue
             zs = student[rows].float() if isinstance(rows, slice) else student.index_select(0, rows).float()
             part = _teacher_rows(teacher, rows)
-            if need_grad and dense_forward_kl:
+            if need_grad and forward_kl:  # closed-form gradients
                 out = grad[rows] if isinstance(rows, slice) and grad.dtype == torch.float32 else None  # type: ignore[index]
-                loss, g = _forward_kl_with_grad(zs, part, view, spec.temperature, out)  # type: ignore[arg-type]
+                if dense:
+                    loss, g = _forward_kl_with_grad(zs, part, view, spec.temperature, out)  # type: ignore[arg-type]
+                else:
+                    if isinstance(part, torch.Tensor):
+                        part = topk_targets(part, view, spec.top_k, spec.temperature)  # type: ignore[arg-type]
+                    loss, g = _topk_forward_kl_with_grad(zs, part, view, spec.temperature, out)
                 if out is None or g.data_ptr() != out.data_ptr():
                     _put(grad, rows, g)  # type: ignore[arg-type]
             elif need_grad:

@@ -151,9 +151,8 @@ class VocabView:
     def gather(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``x`` at global ``ids`` (``[n, k]``), for replicated use. Sharded: each rank contributes the
         ids in its slice (zero elsewhere) and the contributions are summed over the ranks."""
-        local = ids - self.start
-        inside = (local >= 0) & (local < x.shape[-1])
-        picked = torch.gather(x, -1, local.clamp(0, x.shape[-1] - 1))
+        local, inside = self.local_ids(ids, x.shape[-1])
+        picked = torch.gather(x, -1, local)
         if not self.sharded:
             return picked
         return self.reduce_for_replicated(torch.where(inside, picked, torch.zeros_like(picked)))
@@ -161,14 +160,23 @@ class VocabView:
     def logsumexp_without(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``log Σ exp(x_v)`` over the vocabulary except ``ids`` (the rest mass; -inf when nothing is
         left), for replicated use."""
-        local = ids - self.start
-        inside = (local >= 0) & (local < x.shape[-1])
+        return self.logsumexp(self.without(x, ids), for_replicated=True)
+
+    def without(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """A copy of ``x`` (``[n, width]``) with the columns of global ``ids`` (``[n, k]``) in this slice
+        set to -inf."""
+        local, inside = self.local_ids(ids, x.shape[-1])
         # counts, not a boolean scatter: ids outside the slice are clamped onto a column that an id
         # inside it may also hit, and a plain scatter would let either write win
         hits = torch.zeros(x.shape, dtype=torch.int32, device=x.device)
-        hits.scatter_add_(-1, local.clamp(0, x.shape[-1] - 1), inside.to(torch.int32))
-        drop = hits > 0
-        return self.logsumexp(x.masked_fill(drop, float("-inf")), for_replicated=True)
+        hits.scatter_add_(-1, local, inside.to(torch.int32))
+        return x.masked_fill(hits > 0, float("-inf"))
+
+    def local_ids(self, ids: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global ``ids`` as column indices of this slice (clamped into it) and whether each is inside it."""
+        local = ids - self.start
+        inside = (local >= 0) & (local < width)
+        return local.clamp(0, width - 1), inside
 
 
 def view_of(logits: Any, size: int) -> tuple[torch.Tensor, VocabView]:

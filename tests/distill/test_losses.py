@@ -140,6 +140,56 @@ def test_top_k_is_the_divergence_of_the_coarsened_distributions():
     assert got.item() == pytest.approx(direct(pc, qc, "forward_kl").sum().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize(("k", "size"), [(1, V), (4, V), (4, V - 3), (V, V)])
+def test_top_k_forward_kl_gradient_equals_autograd_of_the_coarsened_formula(temperature, k, size):
+    """The closed-form top-k gradient (T (s·Q − P) on the top ids, T (s·Q − P_rest·Q_rest) elsewhere, zero on
+    padding columns) against float64 autograd of the divergence of the coarsened (k + 1)-way distributions,
+    with -100 labels, chunks of 3 rows, padding columns (size < width) and k = the vocabulary (no rest)."""
+    zs, zt = logits(rows=8, seed=30), logits(rows=8, seed=31)
+    labels = torch.tensor([1, -100, 2, 3, -100, 4, 5, 0])
+    ours = zs.clone().requires_grad_(True)
+    got = kd_loss_sum(ours, labels, zt, KDSpec("forward_kl", temperature, 0.5, k, chunk_size=3), vocab_size=size)
+    got.backward()
+    ref = zs.double().requires_grad_(True)
+    p = torch.softmax(zt.double()[:, :size] / temperature, -1)
+    q = torch.softmax(ref[:, :size] / temperature, -1)
+    ids = p.topk(k, -1).indices
+    pk, qk = p.gather(-1, ids), q.gather(-1, ids)
+    pc = torch.cat([pk, (1 - pk.sum(-1, keepdim=True)).clamp_min(0)], -1)
+    qc = torch.cat([qk, (1 - qk.sum(-1, keepdim=True)).clamp_min(1e-300)], -1)
+    terms = torch.where(pc > 0, pc * (pc.clamp_min(1e-300).log() - qc.log()), torch.zeros((), dtype=pc.dtype))
+    want = temperature**2 * terms.sum(-1)[labels != -100].sum()
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    assert torch.allclose(ours.grad.double(), ref.grad, atol=2e-6), (ours.grad - ref.grad).abs().max()
+    assert not ours.grad[labels == -100].any() and not ours.grad[:, size:].any()
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "jsd"])
+def test_top_k_closed_form_equals_autograd_through_chunk_losses(loss):
+    """The closed form the trainer takes (forward KL, and JSD at β = 0, which is defined as forward KL) and
+    autograd through ``chunk_losses`` (the path of the other divergences) agree on value and gradient,
+    for online targets and for cached ones whose rest bucket is empty (log_rest = -inf)."""
+    from flame.distill.losses import chunk_losses
+
+    zs, zt = logits(rows=7, seed=32), logits(rows=7, seed=33)
+    labels = torch.zeros(7, dtype=torch.long)
+    spec = KDSpec(loss, 2.0, 0.0, 3, chunk_size=4)
+    full = topk_targets(zt, VocabView(V), 3, 2.0)
+    empty_rest = TopKTargets(full.ids, torch.log_softmax(full.logprobs, -1), torch.full((7,), float("-inf")))
+    for teacher in (zt, full, empty_rest):
+        z = zs.clone().requires_grad_(True)
+        kd = kd_loss_sum(z, labels, teacher, spec, vocab_size=V)
+        kd.backward()
+        ref = zs.clone().requires_grad_(True)
+        targets = teacher if isinstance(teacher, TopKTargets) else full
+        want = chunk_losses(ref, targets, VocabView(V), spec).sum()
+        want.backward()
+        assert kd.item() == pytest.approx(want.item(), rel=1e-5)
+        assert torch.allclose(z.grad, ref.grad, atol=1e-6)
+
+
 def test_padded_vocabulary_rows_are_masked_out():
     """A teacher whose head is 4 rows wider than the tokenizer (an embedding padded for speed): the extra
     logits, however large, take no part in either softmax."""
