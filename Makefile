@@ -24,7 +24,7 @@ test: venv
 	$(PY) -m pytest -q -n 2 --dist loadscope --durations=15
 
 test-slow: venv
-	$(PY) -m pytest -q -m slow --durations=10
+	$(PY) -m pytest -q -m slow -n 2 --dist loadscope --durations=15
 
 check: venv
 	$(VENV)/bin/ruff check flame tests scripts custom_models benchmarks
