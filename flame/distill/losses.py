@@ -110,10 +110,20 @@ def divergence(log_p: torch.Tensor, log_q: torch.Tensor, loss: str, beta: float,
 
 def topk_targets(teacher: torch.Tensor, view: VocabView, k: int, temperature: float) -> TopKTargets:
     """The teacher's top-k targets of fp32 logits ``teacher`` (``[n, width]``, this rank's columns)."""
-    z = view.mask_padding(teacher.float()) / temperature
-    lse = view.logsumexp(z)
+    z = view.mask_padding(teacher.float())
+    if temperature != 1.0:
+        z = z / temperature
     values, ids = view.topk(z, k)
-    return TopKTargets(ids, values - lse.unsqueeze(-1), view.logsumexp_without(z, ids) - lse)
+    m = values[:, 0]  # the global maximum
+    e = (z - m.unsqueeze(-1)).exp_()
+    # the rest mass summed with the top-k columns zeroed exactly (e - e = 0), not as 1 - Σ top-k, which
+    # cancels when the top-k hold nearly all of it; a rest below fp32's range (~e^-100) reads as empty
+    local, inside = view.local_ids(ids, e.shape[-1])
+    e_top = torch.exp(values - m.unsqueeze(-1))
+    e.scatter_add_(-1, local, torch.where(inside, -torch.gather(e, -1, local), torch.zeros_like(e_top)))
+    rest = view.reduce_for_replicated(e.sum(dim=-1))
+    log_total = torch.log(rest + e_top.sum(dim=-1))
+    return TopKTargets(ids, values - m.unsqueeze(-1) - log_total.unsqueeze(-1), torch.log(rest) - log_total)
 
 
 def chunk_losses(
@@ -188,45 +198,53 @@ def _forward_kl_with_grad(
 
 def _topk_forward_kl_with_grad(
     student: torch.Tensor, targets: TopKTargets, view: VocabView, t: float, out: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Top-k forward KL of fp32 student logits ``[n, width]`` against the teacher's top-k ``targets``: the
-    same value as ``chunk_losses`` and its gradient with respect to the student's logits in closed form.
+    same value as ``chunk_losses`` and its gradient with respect to the student's logits in closed form
+    (``None`` in the rare case it cannot be computed this way: see below).
 
     With the coarsened distributions of the module docstring (categories: the k ids S, and the rest R),
-    s = Σ_c P_c (1 up to the teacher's rounding) and Q^R the student's softmax over the ids outside S:
-    ``d/dz_v = T (s·Q_v − P_v)`` for v in S and ``T (s·Q_v − P_R·Q^R_v)`` elsewhere. The student's
-    log-normaliser is assembled from the rest's and the k top logits, so one vocabulary-sized
-    exponential serves both the rest mass and Q^R; Q is written into ``out`` when given (the chunk's rows
-    of the gradient buffer) and the gradient is built there in place."""
+    s = Σ_c P_c (1 up to the teacher's rounding), Q the student's softmax and Q^R its softmax over the ids
+    outside S: ``d/dz_v = T (s·Q_v − P_v)`` for v in S and ``T (s·Q_v − P_R·Q^R_v)`` elsewhere.
+
+    One vocabulary-sized exponential e = exp(z − max z) serves everything: its columns at S are taken out
+    (gathered, then zeroed exactly by adding their negatives), so the rest's sum Z_R is summed, not
+    obtained by a subtraction that would cancel when the top-k hold nearly all the mass; Q = e / Z and
+    Q^R = e / Z_R. e lives in ``out`` when given (the chunk's rows of the gradient buffer) and becomes the
+    gradient there in place. Where the whole rest underflows (every logit outside S more than ~100 below
+    the largest) while the teacher puts mass there, the caller differentiates through ``chunk_losses``."""
     zs = view.mask_padding(student)
     if t != 1.0:
         zs = zs / t
-    z_top = view.gather(zs, targets.ids)  # [n, k], the same on every rank
-    rest = view.without(zs, targets.ids)  # a copy: exponentiated in place below
-    m = view.max(rest)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    rest_sum = view.reduce_for_replicated(rest.sub_(m.unsqueeze(-1)).exp_().sum(dim=-1))
-    nonempty = rest_sum > 0  # empty when the top-k cover the vocabulary
-    safe_sum = torch.where(nonempty, rest_sum, torch.ones_like(rest_sum))
-    lse_rest = torch.where(nonempty, m + torch.log(safe_sum), torch.full_like(m, float("-inf")))
-    lse = torch.logaddexp(lse_rest, torch.logsumexp(z_top, dim=-1))
-    log_q = torch.cat([z_top - lse.unsqueeze(-1), (lse_rest - lse).unsqueeze(-1)], dim=-1)
-    log_p = torch.cat([targets.logprobs, targets.log_rest.unsqueeze(-1)], dim=-1)
-    total = divergence(log_p, log_q, "forward_kl", 0.0).sum() * (t * t)
+    m = view.max(zs)
+    e = torch.sub(zs, m.unsqueeze(-1), out=out) if out is not None and out.shape == zs.shape else zs - m.unsqueeze(-1)
+    e.exp_()
+    local, inside = view.local_ids(targets.ids, e.shape[-1])
+    e_top = view.gather(e, targets.ids)  # [n, k], the same on every rank
+    e.scatter_add_(-1, local, torch.where(inside, -e_top, torch.zeros_like(e_top)))  # e = 0 on S
+    rest_sum = view.reduce_for_replicated(e.sum(dim=-1))
+    total_sum = rest_sum + e_top.sum(dim=-1)
     p_top, p_rest = torch.exp(targets.logprobs), torch.exp(targets.log_rest)
-    direct = out is not None and out.shape == zs.shape
-    q = torch.sub(zs, lse.unsqueeze(-1), out=out) if direct else zs - lse.unsqueeze(-1)
-    grad = q.exp_().mul_((p_top.sum(dim=-1) + p_rest).unsqueeze(-1))  # s·Q
-    grad.sub_(rest.mul_(torch.where(nonempty, p_rest / safe_sum, torch.zeros_like(p_rest)).unsqueeze(-1)))
-    local, inside = view.local_ids(targets.ids, grad.shape[-1])
-    grad.scatter_add_(-1, local, torch.where(inside, -p_top, torch.zeros_like(p_top)))  # − P_v on S
+    if bool(((rest_sum == 0) & (p_rest > 0)).any()):
+        return None
+    log_total = torch.log(total_sum)
+    log_q_top = view.gather(zs, targets.ids) - (m + log_total).unsqueeze(-1)
+    log_q_rest = torch.log(rest_sum) - log_total  # -inf where the rest is empty
+    log_q = torch.cat([log_q_top, log_q_rest.unsqueeze(-1)], dim=-1)
+    log_p = torch.cat([targets.logprobs, targets.log_rest.unsqueeze(-1)], dim=-1)
+    loss = divergence(log_p, log_q, "forward_kl", 0.0).sum() * (t * t)
+    mass = p_top.sum(dim=-1) + p_rest
+    rest_coef = torch.where(rest_sum > 0, p_rest / torch.where(rest_sum > 0, rest_sum, 1.0), 0.0)
+    grad = e.mul_((mass / total_sum - rest_coef).unsqueeze(-1))  # off S: s·Q − P_R·Q^R
+    on_top = (mass / total_sum).unsqueeze(-1) * e_top - p_top  # on S: s·Q − P
+    grad.scatter_add_(-1, local, torch.where(inside, on_top, torch.zeros_like(on_top)))
     if t != 1.0:
         grad.mul_(t)
     if grad.shape[-1] != student.shape[-1]:  # padding columns dropped: they get a zero gradient
         full = torch.zeros_like(student)
         full[:, : grad.shape[-1]] = grad
         grad = full
-    return total, grad
+    return loss, grad
 
 
 class _ChunkedKD(torch.autograd.Function):
@@ -259,14 +277,17 @@ class _ChunkedKD(torch.autograd.Function):
                     continue
             zs = student[rows].float() if isinstance(rows, slice) else student.index_select(0, rows).float()
             part = _teacher_rows(teacher, rows)
+            closed = None
             if need_grad and forward_kl:  # closed-form gradients
                 out = grad[rows] if isinstance(rows, slice) and grad.dtype == torch.float32 else None  # type: ignore[index]
                 if dense:
-                    loss, g = _forward_kl_with_grad(zs, part, view, spec.temperature, out)  # type: ignore[arg-type]
+                    closed = _forward_kl_with_grad(zs, part, view, spec.temperature, out)  # type: ignore[arg-type]
                 else:
                     if isinstance(part, torch.Tensor):
                         part = topk_targets(part, view, spec.top_k, spec.temperature)  # type: ignore[arg-type]
-                    loss, g = _topk_forward_kl_with_grad(zs, part, view, spec.temperature, out)
+                    closed = _topk_forward_kl_with_grad(zs, part, view, spec.temperature, out)  # type: ignore[arg-type]
+            if need_grad and closed is not None:
+                loss, g = closed
                 if out is None or g.data_ptr() != out.data_ptr():
                     _put(grad, rows, g)  # type: ignore[arg-type]
             elif need_grad:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -188,6 +190,40 @@ def test_top_k_closed_form_equals_autograd_through_chunk_losses(loss):
         want.backward()
         assert kd.item() == pytest.approx(want.item(), rel=1e-5)
         assert torch.allclose(z.grad, ref.grad, atol=1e-6)
+
+
+def test_top_k_when_the_students_rest_underflows():
+    """Every logit outside the top-k 150 below the largest: exp underflows in fp32, so the closed form hands the
+    chunk to autograd through ``chunk_losses``, which still gives the float64 value and gradient."""
+    zt = logits(rows=4, seed=34)
+    zs = torch.full((4, V), -150.0)
+    ids = torch.softmax(zt, -1).topk(2, -1).indices
+    zs.scatter_(-1, ids, torch.tensor([[1.0, 0.5]]).expand(4, 2).contiguous())
+    labels = torch.zeros(4, dtype=torch.long)
+    ours = zs.clone().requires_grad_(True)
+    got = kd_loss_sum(ours, labels, zt, KDSpec("forward_kl", 1.0, 0.5, 2), vocab_size=V)
+    got.backward()
+    ref = zs.double().requires_grad_(True)
+    p, log_q = torch.softmax(zt.double(), -1), torch.log_softmax(ref, -1)
+    pk = p.gather(-1, ids)
+    log_qk = log_q.gather(-1, ids)
+    log_q_rest = torch.logsumexp(log_q.scatter(-1, ids, float("-inf")), -1)
+    p_rest = 1 - pk.sum(-1)
+    want = ((pk * (pk.log() - log_qk)).sum(-1) + p_rest * (p_rest.log() - log_q_rest)).sum()
+    want.backward()
+    assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert torch.allclose(ours.grad.double(), ref.grad, atol=1e-5)
+
+
+def test_top_k_targets_keep_a_tiny_rest_mass():
+    """A teacher sure of one token (logit 50 against ten of 0): the rest mass, 10·e^-50, is summed, not
+    taken as 1 − P_top (which is 0 in fp32)."""
+    zt = torch.zeros(2, V)
+    zt[:, 4] = 50.0
+    targets = topk_targets(zt, VocabView(V), 1, 1.0)
+    assert targets.ids[:, 0].tolist() == [4, 4]
+    assert targets.log_rest.tolist() == pytest.approx([math.log(10) - 50] * 2, rel=1e-6)
+    assert targets.logprobs[:, 0].tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
 
 
 def test_padded_vocabulary_rows_are_masked_out():

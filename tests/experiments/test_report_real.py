@@ -136,3 +136,75 @@ def test_a_real_successive_halving_stage_continues_its_winner_and_reports_the_la
     assert "resumed at step 2" in log, log[-2000:]
     assert png_size(os.path.join(root, "report", "plots", "search_rungs.png"))[0] > 500
     assert "search_rungs.png" in open(os.path.join(root, "report", "report.md")).read()
+
+
+LADDER_SPEC = """
+[experiment]
+name = "real-KIND"
+root = "{root}"
+max_parallel = 2
+
+[[stage]]
+name = "search"
+config = "{base}"
+override = { "lr_scheduler.decay_ratio" = 0.2, "lr_scheduler.warmup_steps" = 1 }
+space = { "optimizer.lr" = { grid = [1e-3, 2e-3, 3e-3, 1e-2, 3e-2] } }
+scheduler = { kind = "KIND", min = 2, max = 6, eta = 3, rung_metric = "stable" }
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["hyperband", "asha"])
+def test_the_report_of_a_real_hyperband_or_asha_stage(write_spec, monkeypatch, kind):
+    """train.sh trials under Hyperband (rungs of 2 and 6 steps, eta 3: bracket 1 races 3 learning rates at 2
+    steps and continues the best to 6, bracket 0 trains the other 2 to 6) and under ASHA (2 workers): the
+    recorded decisions follow the rules, promoted trials continue from their rung checkpoint, and the report's
+    rung column, rung ladder and saving against training every trial to 6 steps are those of the trials."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec = write_spec(LADDER_SPEC.replace("KIND", kind))
+    api.run(spec, echo=lambda *a, **k: None)
+    status = api.status(spec)
+    (stage,) = status["stages"]
+    root, trials = status["root"], stage["trials"]
+    by_id = {t["id"]: t for t in trials}
+    with open(os.path.join(root, "search", "decisions.jsonl")) as f:
+        rungs = [d for d in map(json.loads, f) if "rung" in d]
+    promoted = [p for d in rungs for p in d["promoted"]]
+    if kind == "hyperband":
+        assert [(d["bracket"], d["rung"], len(d["competitors"]), len(d["promoted"])) for d in rungs] == [(1, 0, 3, 1)]
+        competitors = rungs[0]["competitors"]
+        assert promoted == [min(competitors, key=competitors.get)]
+        assert sorted(t["status"] for t in trials) == ["done"] * 3 + ["stopped"] * 2
+    else:  # each promotion: a trial within the top floor(n / 3) of its rung's results then
+        assert len(trials) == 5 and promoted
+        for d in rungs:
+            if d["promoted"]:
+                ranked = sorted(d["competitors"], key=lambda t: d["competitors"][t])
+                assert d["promoted"][0] in ranked[: len(ranked) // 3]
+    for t in trials:
+        assert t["step"] == (6 if t["status"] == "done" else 2), t
+    assert stage["best"] in {t["id"] for t in trials if t["step"] == 6}
+    for trial in promoted:  # continued from its rung checkpoint, not retrained
+        folder = by_id[trial]["dump_folder"]
+        records = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+        assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+        log = "".join(open(p).read() for p in glob.glob(os.path.join(folder, "*.log")))
+        assert "resumed at step 2" in log, log[-2000:]
+    md = open(os.path.join(root, "report", "report.md")).read()
+    (rows,) = md_tables(md).values()
+    for row in rows:  # the rung column: the highest rung reached, "(stopped)" for the trials left behind
+        t = by_id[row[1]]
+        rung = 1 if t["step"] == 6 and t["id"] in promoted else 0
+        assert row[-1] == f"{rung}" + (" (stopped)" if t["status"] == "stopped" else ""), (row, t)
+    trained = sum(t["step"] for t in trials)
+    share = 100 * trained / 30
+    assert (
+        f"{trained} steps trained (cool-downs included) against 30 for all 5 trials to 6 steps: "
+        f"{share:.1f} % of the full budget, a saving of {100 - share:.1f} %"
+    ) in md
+    exp = api._spec(str(spec), None)
+    (data,) = collect(exp, status)
+    ladder = plots.rung_figure(data).axes[0]
+    assert sorted(g for g in (ln.get_gid() for ln in ladder.get_lines()) if not g.endswith(":stopped")) == sorted(by_id)
+    assert png_size(os.path.join(root, "report", "plots", "search_rungs.png"))[0] > 500

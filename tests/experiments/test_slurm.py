@@ -174,3 +174,41 @@ def test_real_experiment_on_the_cluster(slurm_cluster, write_spec, tmp_path):  #
         for a, b in zip(g["trials"], w["trials"], strict=True):
             assert a["metric"] == pytest.approx(b["metric"], rel=1e-5)
     assert "resumed at step" in logs_text(tmp_path / "slurm" / "search" / cancelled)
+
+
+@pytest.mark.slow
+def test_cancelled_controller_is_lost_and_running_again_finishes(slurm_cluster, write_spec, tmp_path):  # noqa: F811
+    """The controller job cancelled while its array runs (a user's scancel, a node lost): status reports the
+    experiment lost with how to go on, the array finishes on its own, and the same `run` command carries the
+    experiment to the end with the results of an uninterrupted run, the trials that had finished not run again."""
+    extra = {"FLAME_STAGE_KINDS": "tests.experiments.fake_kind", "FAKE_STEP_SECONDS": "0.2"}
+    root = tmp_path / "slurm"
+    spec = write_spec(SPEC.replace("ROOT", str(root)).replace("KIND", "fake").replace("STEPS", "6"))
+    command = [PYTHON, "-m", "flame.experiment", "run", str(spec), "--launcher", "slurm"]
+    first = subprocess.run(command, cwd=ROOT, env=env(**extra), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    controller = next(e for e in records(root) if e["event"] == "controller")["job"]
+    subprocess.run(["scancel", str(controller)], check=True)
+    tasks = [e["job"] for e in records(root) if e["event"] == "launch"]
+    wait_for(lambda: not any(job_state(t) in ("PENDING", "RUNNING", "COMPLETING") for t in tasks), 300, "the array")
+    lost = api.status(spec)
+    assert lost["driver"]["state"] == "lost", lost["driver"]
+    assert f"Slurm controller job {controller} is no longer queued" in lost["driver"]["hint"]
+    assert "run the same `python -m flame.experiment run` command again" in lost["driver"]["hint"]
+    assert [t["status"] for t in lost["stages"][0]["trials"]] == ["done"] * 3  # the array ran to its end
+    again = subprocess.run(command, cwd=ROOT, env=env(**extra), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    wait_for(lambda: experiment_done(root), 300, "the experiment's end")
+    reference = write_spec(
+        SPEC.replace("ROOT", str(tmp_path / "local")).replace("KIND", "fake").replace("STEPS", "6"), "r.toml"
+    )
+    os.environ["FLAME_STAGE_KINDS"] = extra["FLAME_STAGE_KINDS"]
+    api.run(reference, echo=lambda *a, **k: None)
+    got, want = api.status(spec), api.status(reference)
+    for g, w in zip(got["stages"], want["stages"], strict=True):
+        assert [(t["id"], t["status"], t["metric"]) for t in g["trials"]] == [
+            (t["id"], t["status"], t["metric"]) for t in w["trials"]
+        ]
+    assert got["driver"]["state"] == "ended"
+    launches = [e for e in records(root) if e["event"] == "launch"]
+    assert [e["stage"] for e in launches] == ["search"] * 3 + ["final"]  # nothing of the search ran twice
