@@ -191,12 +191,14 @@ def kd_memory(chunk_size: int, device: str) -> dict:
 
 
 def kd_term_times(device: str, rounds: int = 21) -> dict:
-    """Forward + backward of the KD term (dense forward KL) against cross-entropy on the same 1,024 x 4,096
-    student logits (the step-time batch's shape), medians over ``rounds``, per chunk size."""
+    """Forward + backward of the KD term (dense forward KL per chunk size, and top-k 32 from logits and from
+    stored targets) against cross-entropy on the same 1,024 x 4,096 student logits (the step-time batch's
+    shape), medians over ``rounds``."""
     import torch
     import torch.nn.functional as F
 
-    from flame.distill.losses import KDSpec, kd_loss_sum
+    from flame.distill.losses import KDSpec, kd_loss_sum, topk_targets
+    from flame.distill.vocab import VocabView
 
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -222,6 +224,11 @@ def kd_term_times(device: str, rounds: int = 21) -> dict:
     for chunk in (1024, 256):
         spec = KDSpec("forward_kl", 1.0, 0.5, None, chunk)
         out[f"kd_{chunk}_ms"] = median_ms(lambda spec=spec: kd_loss_sum(student, labels, teacher, spec, 4096))
+    # top-k 32: from the teacher's logits (online: its top-k extracted in the term) and from stored targets
+    top = KDSpec("forward_kl", 1.0, 0.5, 32, 1024)
+    targets = topk_targets(teacher, VocabView(4096), 32, 1.0)
+    out["topk_online_ms"] = median_ms(lambda: kd_loss_sum(student, labels, teacher, top, 4096))
+    out["topk_cached_ms"] = median_ms(lambda: kd_loss_sum(student, labels, targets, top, 4096))
     return out
 
 
@@ -298,6 +305,8 @@ Target <= 1.15.
 The KD term alone (dense forward KL, forward + backward, median of 21) on 1,024 x 4,096 student logits, against
 cross-entropy on the same logits: {kd_term["kd_1024_ms"]:.1f} ms in 1,024-token chunks ({kd_term["kd_1024_ms"] / kd_term["cross_entropy_ms"]:.2f}x
 cross-entropy's {kd_term["cross_entropy_ms"]:.1f} ms), {kd_term["kd_256_ms"]:.1f} ms in 256-token chunks ({kd_term["kd_256_ms"] / kd_term["cross_entropy_ms"]:.2f}x).
+Top-k 32 forward KL (1,024-token chunks): {kd_term["topk_online_ms"]:.1f} ms from the teacher's logits (its top-k taken in
+the term, {kd_term["topk_online_ms"] / kd_term["cross_entropy_ms"]:.2f}x), {kd_term["topk_cached_ms"]:.1f} ms from stored top-k targets (the cache's case, {kd_term["topk_cached_ms"] / kd_term["cross_entropy_ms"]:.2f}x).
 
 Peak memory of one KD forward + backward above its inputs ({TOKENS:,} tokens x {VOCAB:,} vocabulary, fp32 logits of
 {memory[0]["logits_gib"]:.2f} GiB per model; fresh process each):

@@ -198,10 +198,11 @@ def params_figure(stage: StageData) -> Figure | None:
 
 def rung_figure(stage: StageData) -> Figure | None:
     """The rung ladder of a scheduled stage: each trial's metric at each rung it reached; a stopped trial
-    ends with an x at its last rung, a trial that went to the end continues to its final metric."""
+    ends with an x at its last rung, a trial that went to the end continues to its final metric (a
+    Hyperband bracket that starts at the maximum has only that point)."""
     if not stage.scheduler:
         return None
-    trials = [t for t in stage.trials if t.rung_metrics]
+    trials = [t for t in stage.trials if t.rung_metrics or (t.rung is not None and t.metric is not None)]
     if not trials:
         return None
     resource = stage.scheduler.get("resource", "steps")
@@ -212,8 +213,10 @@ def rung_figure(stage: StageData) -> Figure | None:
         points = list(t.rung_metrics)
         if not t.pruned and t.status in ("done", "masked") and t.metric is not None:
             end = (t.tokens or 0.0) if resource == "tokens" else float(t.step)
-            if end > points[-1][0]:
+            if not points or end > points[-1][0]:
                 points.append((end, t.metric))
+        if not points:
+            continue
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         style = {"color": BEST, "lw": 2.6, "zorder": 10} if t.best else {"color": color, "lw": 1.0, "alpha": 0.8}
         ax.plot(xs, ys, marker="o", ms=3, gid=t.id, **style)  # type: ignore[arg-type]
