@@ -123,7 +123,7 @@ class TeacherCache:
     def targets(self, step: int, micro: int, batch: dict[str, torch.Tensor]):
         """The ``TopKTargets`` of micro-batch ``micro`` of optimizer step ``step`` (1-based) for the loader
         batch ``batch`` (before any sequence sharding); raises RuntimeError if its rows differ."""
-        from flame.distill.losses import TopKTargets
+        from flame.distill.divergences import TopKTargets
 
         first = ((step - 1) * self.accumulation + micro) * self.batch_size
         rows = slice(first, first + batch["input_ids"].shape[0])
@@ -148,7 +148,7 @@ _ARRAYS = ("ids", "logprobs", "log_rest", "fingerprints")
 def write_cache(config: Any, world_size: int) -> dict[str, Any]:
     """Run the teacher over every row of the run and write the cache (see the module docstring)."""
     from flame.data.loader import build_dataloader
-    from flame.distill.losses import topk_targets
+    from flame.distill.divergences import topk_targets
     from flame.distill.source import resolve_teacher
     from flame.distill.teacher import Teacher
     from flame.distill.vocab import VocabView

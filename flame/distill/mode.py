@@ -7,7 +7,8 @@ computes, from the student's logits of a micro-batch and the same batch,
 * the KD term summed over the same tokens (``kd_loss_sum``: T² · divergence per token, chunked, top-k,
   vocabulary-sharded under loss parallelism),
 
-and returns (1 − α)·CE + α·KD. The trainer divides the sum by the global number of target tokens, so both
+and returns (1 − α)·CE + α·KD; on plain logits over exactly the vocabulary (no tensor parallelism, no
+padding columns) and α > 0 both come from one pass over the logits (``fused_loss_sums``). The trainer divides the sum by the global number of target tokens, so both
 terms are normalised exactly like plain training's loss, whatever the micro-batches, ranks or packing.
 α = 0 returns the cross entropy itself (the KD term is computed without a graph, for its metric), so the
 run is plain training's bit for bit; α = 1 leaves the cross entropy out of the graph.
@@ -30,7 +31,8 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from flame.components.loss import MicroBatchLoss, token_loss_sum
-from flame.distill.losses import KDSpec, TopKTargets, agreement_sums, kd_loss_sum
+from flame.distill.divergences import KDSpec, TopKTargets
+from flame.distill.losses import agreement_sums, can_fuse, fused_loss_sums, kd_loss_sum
 from flame.distill.schedule import alpha_at
 
 # the [distill] settings that change the training loss: a resume must keep them (besides the teacher)
@@ -102,6 +104,10 @@ class DistillLoss(MicroBatchLoss):
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         alpha = self.alpha
         teacher = self.teacher_targets(batch)
+        if alpha > 0 and logits.requires_grad and can_fuse(logits, self.vocab_size):  # one pass for both terms
+            loss, ce, kd = fused_loss_sums(logits, labels, teacher, self.spec, self.vocab_size, alpha)
+            self._sums += torch.stack([ce, kd])
+            return loss
         ce = token_loss_sum(logits, labels) if alpha < 1 else _detached(token_loss_sum, logits, labels)
         student = logits if alpha > 0 else logits.detach()
         kd = kd_loss_sum(student, labels, teacher, self.spec, self.vocab_size)

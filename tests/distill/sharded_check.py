@@ -14,7 +14,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from flame.distill.losses import LOSSES, KDSpec, agreement_sums, kd_loss_sum
+from flame.distill.divergences import LOSSES, KDSpec
+from flame.distill.losses import agreement_sums, kd_loss_sum
 
 
 def main() -> None:

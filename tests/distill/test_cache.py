@@ -14,7 +14,8 @@ from flame.config.loader import parse_args
 from flame.config.validate import validate
 from flame.distill.cache import main
 from flame.distill.cache_io import TeacherCache
-from flame.distill.losses import KDSpec, kd_loss_sum, topk_targets
+from flame.distill.divergences import KDSpec, topk_targets
+from flame.distill.losses import kd_loss_sum
 from flame.distill.source import resolve_teacher
 from flame.distill.teacher import Teacher
 from flame.distill.vocab import VocabView

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from flame.distill.losses import LOSSES, KDSpec, TopKTargets, agreement_sums, divergence, kd_loss_sum, topk_targets
+from flame.distill.divergences import LOSSES, KDSpec, TopKTargets, divergence, topk_targets
+from flame.distill.losses import agreement_sums, kd_loss_sum
 from flame.distill.vocab import VocabView
 
 V = 11
@@ -275,3 +276,31 @@ def test_three_dimensional_logits_and_bf16_students():
     half = zs.bfloat16().requires_grad_(True)
     kd_loss_sum(half, labels, zt.bfloat16(), KDSpec(), V).backward()
     assert half.grad.dtype == torch.bfloat16 and torch.isfinite(half.grad).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize(("loss", "top_k"), [("forward_kl", None), ("forward_kl", 3), ("jsd", None), ("reverse_kl", 3)])
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+def test_fused_cross_entropy_and_kd_equal_the_separate_terms(temperature, loss, top_k, alpha):
+    """``fused_loss_sums`` (the trainer's path on plain logits: one pass for both terms; forward KL in closed
+    form, the other divergences through autograd) against ``token_loss_sum`` + ``kd_loss_sum``: the same CE,
+    KD, (1 − α)·CE + α·KD and gradient, with -100 labels and chunks of 4 rows."""
+    from flame.components.loss import token_loss_sum
+    from flame.distill.losses import can_fuse, fused_loss_sums
+
+    zs, zt = logits(rows=14, seed=40).view(2, 7, V), logits(rows=14, seed=41).view(2, 7, V)
+    labels = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(2))
+    labels[0, 3] = labels[1, 0] = -100
+    spec = KDSpec(loss, temperature, 0.0 if loss == "jsd" else 0.5, top_k, chunk_size=4)
+    fused = zs.clone().requires_grad_(True)
+    assert can_fuse(fused, V) and not can_fuse(fused, V - 1)
+    total, ce, kd = fused_loss_sums(fused, labels, zt, spec, V, alpha)
+    total.backward()
+    assert not ce.requires_grad and not kd.requires_grad
+    separate = zs.clone().requires_grad_(True)
+    want_ce, want_kd = token_loss_sum(separate, labels), kd_loss_sum(separate, labels, zt, spec, V)
+    ((1 - alpha) * want_ce + alpha * want_kd).backward()
+    assert ce.item() == pytest.approx(want_ce.item(), rel=1e-6)
+    assert kd.item() == pytest.approx(want_kd.item(), rel=1e-6)
+    assert total.item() == pytest.approx(((1 - alpha) * want_ce + alpha * want_kd).item(), rel=1e-6)
+    assert torch.allclose(fused.grad, separate.grad, atol=1e-6), (fused.grad - separate.grad).abs().max()
