@@ -8,8 +8,8 @@ computes, from the student's logits of a micro-batch and the same batch,
   vocabulary-sharded under loss parallelism),
 
 and returns (1 − α)·CE + α·KD; on plain logits over exactly the vocabulary (no tensor parallelism, no
-padding columns) and α > 0 both come from one pass over the logits (``fused_loss_sums``). The trainer divides the sum by the global number of target tokens, so both
-terms are normalised exactly like plain training's loss, whatever the micro-batches, ranks or packing.
+padding columns) and α > 0 both come from one pass over the logits (``fused_loss_sums``). The trainer
+divides the sum by the global number of target tokens, so both terms are normalised exactly like plain training's loss, whatever the micro-batches, ranks or packing.
 α = 0 returns the cross entropy itself (the KD term is computed without a graph, for its metric), so the
 run is plain training's bit for bit; α = 1 leaves the cross entropy out of the graph.
 

@@ -85,6 +85,24 @@ def experiment_done(root: Path) -> bool:
     return any(e["event"] == "experiment" for e in records(root))
 
 
+def assert_equals_local_run(
+    spec: Path, write_spec, tmp_path: Path, kind: str, steps: int, rel: float | None = None, **extra_env: str
+) -> dict:
+    """The experiment of ``spec`` ended with the trials, statuses and metrics of the same experiment run
+    locally without interruption (metrics equal, or within ``rel``); its status."""
+    reference = write_spec(
+        SPEC.replace("ROOT", str(tmp_path / "local")).replace("KIND", kind).replace("STEPS", str(steps)), "ref.toml"
+    )
+    os.environ.update(extra_env)  # the local driver runs the trials in this process's environment
+    api.run(reference, echo=lambda *a, **k: None)
+    got, want = api.status(spec), api.status(reference)
+    for g, w in zip(got["stages"], want["stages"], strict=True):
+        assert [(t["id"], t["status"]) for t in g["trials"]] == [(t["id"], t["status"]) for t in w["trials"]]
+        for a, b in zip(g["trials"], w["trials"], strict=True):
+            assert a["metric"] == (b["metric"] if rel is None else pytest.approx(b["metric"], rel=rel))
+    return got
+
+
 def run_on_slurm(spec: Path, root: Path, timeout: float, scancel: bool, **extra_env: str) -> str | None:
     """Submit; optionally scancel the first running array task once it has a checkpoint; wait for the end."""
     proc = subprocess.run(
@@ -139,16 +157,7 @@ def test_fake_experiment_on_the_cluster(slurm_cluster, write_spec, tmp_path):  #
         .replace("max_parallel = 1", "max_parallel = 2")
     )
     cancelled = run_on_slurm(spec, tmp_path / "slurm", 300, scancel=True, **extra)
-    reference = write_spec(
-        SPEC.replace("ROOT", str(tmp_path / "local")).replace("KIND", "fake").replace("STEPS", "12"), "ref.toml"
-    )
-    os.environ["FLAME_STAGE_KINDS"] = extra["FLAME_STAGE_KINDS"]
-    api.run(reference, echo=lambda *a, **k: None)
-    got, want = api.status(spec), api.status(reference)
-    for g, w in zip(got["stages"], want["stages"], strict=True):
-        assert [(t["id"], t["status"], t["metric"]) for t in g["trials"]] == [
-            (t["id"], t["status"], t["metric"]) for t in w["trials"]
-        ]
+    assert_equals_local_run(spec, write_spec, tmp_path, "fake", 12, **extra)
     assert "resumed at step" in logs_text(tmp_path / "slurm" / "search" / cancelled)
     submits = [e for e in records(tmp_path / "slurm") if e["event"] == "submit"]
     assert [e["stage"] for e in submits] == ["search", "search", "final"]  # the cancelled task went again
@@ -164,15 +173,7 @@ def test_real_experiment_on_the_cluster(slurm_cluster, write_spec, tmp_path):  #
         .replace("max_parallel = 1", "max_parallel = 2")
     )
     cancelled = run_on_slurm(spec, tmp_path / "slurm", 1500, scancel=True)
-    reference = write_spec(
-        SPEC.replace("ROOT", str(tmp_path / "local")).replace("KIND", "train").replace("STEPS", "16"), "ref.toml"
-    )
-    api.run(reference, echo=lambda *a, **k: None)
-    got, want = api.status(spec), api.status(reference)
-    for g, w in zip(got["stages"], want["stages"], strict=True):
-        assert [(t["id"], t["status"]) for t in g["trials"]] == [(t["id"], t["status"]) for t in w["trials"]]
-        for a, b in zip(g["trials"], w["trials"], strict=True):
-            assert a["metric"] == pytest.approx(b["metric"], rel=1e-5)
+    assert_equals_local_run(spec, write_spec, tmp_path, "train", 16, rel=1e-5)
     assert "resumed at step" in logs_text(tmp_path / "slurm" / "search" / cancelled)
 
 
@@ -200,16 +201,7 @@ def test_cancelled_controller_is_lost_and_running_again_finishes(slurm_cluster, 
     again = subprocess.run(command, cwd=ROOT, env=env(**extra), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     wait_for(lambda: experiment_done(root), 300, "the experiment's end")
-    reference = write_spec(
-        SPEC.replace("ROOT", str(tmp_path / "local")).replace("KIND", "fake").replace("STEPS", "6"), "r.toml"
-    )
-    os.environ["FLAME_STAGE_KINDS"] = extra["FLAME_STAGE_KINDS"]
-    api.run(reference, echo=lambda *a, **k: None)
-    got, want = api.status(spec), api.status(reference)
-    for g, w in zip(got["stages"], want["stages"], strict=True):
-        assert [(t["id"], t["status"], t["metric"]) for t in g["trials"]] == [
-            (t["id"], t["status"], t["metric"]) for t in w["trials"]
-        ]
+    got = assert_equals_local_run(spec, write_spec, tmp_path, "fake", 6, **extra)
     assert got["driver"]["state"] == "ended"
     launches = [e for e in records(root) if e["event"] == "launch"]
     assert [e["stage"] for e in launches] == ["search"] * 3 + ["final"]  # nothing of the search ran twice
