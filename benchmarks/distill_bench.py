@@ -2,7 +2,11 @@
 term's peak memory with and without chunking, and the offline teacher cache against online distillation.
 
     python benchmarks/distill_bench.py [--quick] [--rounds 5] [--steps 8] [--device cpu|cuda] [--no-append]
-        [--json-out FILE]
+        [--json-out FILE] [--parts steps,kd_term,memory,cache]
+
+Builds the demo corpus (``data/demo``) first when it is missing. ``--device cuda`` without a CUDA GPU prints
+why and exits with code 2 (the GPU check's dry run expects that); ``--parts`` runs some of the four parts
+(the GPU check runs the first three); results are appended only for a full run.
 
 1. **Step time.** Two ``flame.trainer.Trainer`` objects in one process on the same batch (no data wait):
    the student alone (``configs/distill_demo.toml``: 0.6M parameters, batch 8 x 128) and the same student
@@ -11,7 +15,9 @@ term's peak memory with and without chunking, and the offline teacher cache agai
    ``train_step`` of each (forward, loss, backward, clip, optimizer step) and ``teacher.logits`` alone.
    Ratio = distilled step / (student step + teacher forward); target <= 1.15 (the KD term, its chunked
    gradient and the bookkeeping cost at most 15 % on top of the two models' own work). Medians over rounds
-   of the per-step wall time and process CPU time (all threads; less sensitive to other jobs).
+   of the per-step wall time and process CPU time (all threads; less sensitive to other jobs). Measured
+   eager and with ``--training.compile`` (both trainers: the decoder layers, and the distilled one's fused
+   CE + KD kernel; warmed up before the timed rounds).
 2. **Peak memory of the KD term.** ``kd_loss_sum`` forward + backward on student and teacher logits of
    4,096 tokens x a 32,768-token vocabulary (fp32, 512 MiB each), with ``chunk_size`` 0 (all tokens at
    once) and 1,024 / 256, each in a fresh process: the peak resident memory (CPU: ``ru_maxrss``; CUDA:
@@ -38,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import ROOT, append_section, command_line, load_average, machine, median, table, today
 
 TOKENS, VOCAB = 4096, 32768
+PARTS = ("steps", "kd_term", "memory", "cache")
 
 
 def _teacher_folder(folder: str) -> str:
@@ -51,7 +58,7 @@ def _teacher_folder(folder: str) -> str:
     return folder
 
 
-def step_times(rounds: int, steps: int, device: str) -> dict:
+def step_times(rounds: int, steps: int, device: str, compiled: bool = False) -> dict:
     import torch
 
     from flame.config.loader import parse_args
@@ -63,6 +70,8 @@ def step_times(rounds: int, steps: int, device: str) -> dict:
               "--checkpoint.enable_checkpoint", "false", "--validation.enable", "false"]  # fmt: skip
     if device == "cuda":
         common += ["--training.mixed_precision_param", "bfloat16"]
+    if compiled:
+        common += ["--training.compile", "true"]
     dump = tempfile.mkdtemp(prefix="distill_bench_")
     plain = Trainer(parse_args([*common, "--job.dump_folder", f"{dump}/plain"]))
     kd = Trainer(parse_args([*common, "--job.dump_folder", f"{dump}/kd", "--distill.teacher", teacher]))
@@ -229,6 +238,8 @@ def kd_term_times(device: str, rounds: int = 21) -> dict:
     # the trainer's path on plain logits: CE and KD in one pass, against the two terms apart
     dense = KDSpec("forward_kl", 1.0, 0.5, None, 1024)
     out["fused_ms"] = median_ms(lambda: fused_loss_sums(student, labels, teacher, dense, 4096, 0.5)[0])
+    compiled = KDSpec("forward_kl", 1.0, 0.5, None, 1024, compiled=True)  # --training.compile's kernel
+    out["fused_compiled_ms"] = median_ms(lambda: fused_loss_sums(student, labels, teacher, compiled, 4096, 0.5)[0])
     out["separate_ms"] = median_ms(
         lambda: (
             0.5 * F.cross_entropy(student, labels, reduction="sum")
@@ -264,37 +275,54 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--no-append", action="store_true")
     parser.add_argument("--json-out")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     args = parser.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    if not set(parts) <= set(PARTS):
+        parser.error(f"--parts: {sorted(set(parts) - set(PARTS))} unknown; allowed: {', '.join(PARTS)}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("distill_bench.py: no CUDA GPU is visible (torch.cuda.is_available() is False)", file=sys.stderr)
+            sys.exit(2)
+    if not (ROOT / "data" / "demo" / "tokenizer").is_dir():
+        subprocess.run([sys.executable, "-m", "flame.data.demo", "--out", "data/demo"], cwd=ROOT, check=True)
     rounds, steps = (2, 3) if args.quick else (args.rounds, args.steps)
     start = time.perf_counter()
-    times = step_times(rounds, steps, args.device)
-    kd_term = kd_term_times(args.device, 3 if args.quick else 21)
-    memory = memory_rows(args.device)
-    cache = cache_costs(4 if args.quick else 24)
-    result = {
-        "times": times,
-        "kd_term": kd_term,
-        "memory": memory,
-        "cache": cache,
-        "seconds": time.perf_counter() - start,
-    }
+    result: dict = {"device": args.device, "quick": args.quick}
+    if "steps" in parts:
+        result["times"] = step_times(rounds, steps, args.device)
+        result["times_compiled"] = step_times(rounds, steps, args.device, compiled=True)
+    if "kd_term" in parts:
+        result["kd_term"] = kd_term_times(args.device, 3 if args.quick else 21)
+    if "memory" in parts:
+        result["memory"] = memory_rows(args.device)
+    if "cache" in parts:
+        result["cache"] = cache_costs(4 if args.quick else 24)
+    result["seconds"] = time.perf_counter() - start
     print(json.dumps(result, indent=1))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=1)
-    if args.quick or args.no_append:
+    if args.quick or args.no_append or parts != list(PARTS):
         return
+    times, compiled, kd_term = result["times"], result["times_compiled"], result["kd_term"]
+    memory, cache = result["memory"], result["cache"]
     ms = lambda x: f"{1000 * x:.1f}"  # noqa: E731
-    rows = [
-        [name, ms(times[name]["wall"]), ms(times[name]["cpu"])] for name in ("student", "teacher_forward", "distilled")
-    ]
-    rows.append(
-        [
-            "**distilled / (student + teacher forward)**",
-            f"**{times['ratio_wall']:.3f}**",
-            f"**{times['ratio_cpu']:.3f}**",
+    rows = []
+    for label, t in (("", times), (", compiled", compiled)):
+        rows += [
+            [name + label, ms(t[name]["wall"]), ms(t[name]["cpu"])]
+            for name in ("student", "teacher_forward", "distilled")
         ]
-    )
+        rows.append(
+            [
+                f"**distilled / (student + teacher forward){label}**",
+                f"**{t['ratio_wall']:.3f}**",
+                f"**{t['ratio_cpu']:.3f}**",
+            ]
+        )
     cache_rows = [
         [name, ms(cache[key]), f"{cache[key] / cache['student_s']:.2f}"]
         for name, key in (("student alone", "student_s"), ("online teacher, top-k", "online_s"),
@@ -303,11 +331,12 @@ def main() -> None:
     mem_rows = [[str(m["chunk_size"] or "0 (all at once)"), f"{m['extra_gib']:.2f}"] for m in memory]
     body = f"""Command: `{command_line()}`
 
-Machine: {machine()}, device {args.device}. Date: {today()}. Load average before each round: {"; ".join(times["loads"])}.
+Machine: {machine()}, device {args.device}. Date: {today()}. Load average before each round: {"; ".join(times["loads"])}; compiled: {"; ".join(compiled["loads"])}.
 Run time {result["seconds"] / 60:.1f} min.
 
 Step time (median over {rounds} rounds of {steps} steps, per step; student {times["params"]["student"] / 1e6:.2f}M
-parameters, teacher {times["params"]["teacher"] / 1e6:.2f}M, batch 8 x 128, vocabulary 4,096, α 0.5, dense forward KL):
+parameters, teacher {times["params"]["teacher"] / 1e6:.2f}M, batch 8 x 128, vocabulary 4,096, α 0.5, dense forward KL;
+eager, then both trainers with `--training.compile true`):
 
 {table(["variant", "wall ms", "CPU ms"], rows)}
 
@@ -316,7 +345,8 @@ Target <= 1.15.
 The KD term alone (dense forward KL, forward + backward, median of 21) on 1,024 x 4,096 student logits, against
 cross-entropy on the same logits: {kd_term["kd_1024_ms"]:.1f} ms in 1,024-token chunks ({kd_term["kd_1024_ms"] / kd_term["cross_entropy_ms"]:.2f}x
 cross-entropy's {kd_term["cross_entropy_ms"]:.1f} ms), {kd_term["kd_256_ms"]:.1f} ms in 256-token chunks ({kd_term["kd_256_ms"] / kd_term["cross_entropy_ms"]:.2f}x).
-Cross-entropy and KD (α 0.5) in the trainer's one fused pass: {kd_term["fused_ms"]:.1f} ms, against {kd_term["separate_ms"]:.1f} ms for the two terms apart.
+Cross-entropy and KD (α 0.5) in the trainer's one fused pass: {kd_term["fused_ms"]:.1f} ms, against {kd_term["separate_ms"]:.1f} ms for the two terms apart;
+compiled (`--training.compile`): {kd_term["fused_compiled_ms"]:.1f} ms ({kd_term["fused_compiled_ms"] / kd_term["cross_entropy_ms"]:.2f}x cross-entropy alone).
 Top-k 32 forward KL (1,024-token chunks): {kd_term["topk_online_ms"]:.1f} ms from the teacher's logits (its top-k taken in
 the term, {kd_term["topk_online_ms"] / kd_term["cross_entropy_ms"]:.2f}x), {kd_term["topk_cached_ms"]:.1f} ms from stored top-k targets (the cache's case, {kd_term["topk_cached_ms"] / kd_term["cross_entropy_ms"]:.2f}x).
 

@@ -135,6 +135,7 @@ def build_loss(config: JobConfig, model: BuiltModel, parallel_dims: Any, device:
         else None,
         # the cross entropy on vocabulary-sharded logits (tensor parallel only)
         context=loss_parallel if parallel_dims.tp_enabled and not t.disable_loss_parallel else contextlib.nullcontext,
+        compiled=t.compile,
     )
 
 

@@ -10,6 +10,11 @@ autocast on one process) and calls ``loss_sum(logits, labels, batch)``.
 ``MicroBatchLoss`` and returns the student's token loss plus its KD term (summed over the same target
 tokens, so the trainer's scaling applies unchanged). Validation uses ``token_loss_sum`` alone
 (``eval_loss_sum``), whatever the training loss adds.
+
+With ``--training.compile`` (``compiled``) the training cross entropy on plain logits goes through
+``torch.compile`` too (``compiled_token_loss_sum``: the log-softmax, the gather and their backward in a
+few fused loops instead of eager's log-softmax, its backward and a zero-filled gradient); vocabulary-sharded
+logits (loss parallelism) and validation stay eager.
 """
 
 from __future__ import annotations
@@ -32,6 +37,17 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+_compiled_ce = None
+
+
+def compiled_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``token_loss_sum`` through ``torch.compile`` (compiled once per process, dynamic in the shapes)."""
+    global _compiled_ce
+    if _compiled_ce is None:
+        _compiled_ce = torch.compile(token_loss_sum, dynamic=True)
+    return _compiled_ce(logits, labels)
+
+
 def num_targets(labels: torch.Tensor) -> torch.Tensor:
     """How many positions of ``labels`` have a target (a tensor on the labels' device)."""
     return (labels != IGNORE_INDEX).sum()
@@ -43,7 +59,8 @@ class MicroBatchLoss:
     ``model_inputs(batch, device)``: the forward's keyword arguments (the adapter's, or the
     context-parallel shard's). ``autocast_dtype``: autocast's dtype on one process (None: off).
     ``context``: the loss-parallel context the forward, the loss and its backward run in (tensor
-    parallelism: the cross entropy on vocabulary shards)."""
+    parallelism: the cross entropy on vocabulary shards). ``compiled``: the training cross entropy on
+    plain logits through ``compiled_token_loss_sum``."""
 
     def __init__(
         self,
@@ -52,9 +69,10 @@ class MicroBatchLoss:
         device: torch.device,
         autocast_dtype: torch.dtype | None = None,
         context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        compiled: bool = False,
     ) -> None:
         self.model, self.model_inputs, self.device = model, model_inputs, device
-        self.autocast_dtype, self.context = autocast_dtype, context
+        self.autocast_dtype, self.context, self.compiled = autocast_dtype, context, compiled
 
     @classmethod
     def for_adapter(
@@ -80,6 +98,13 @@ class MicroBatchLoss:
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss of one micro-batch from its logits, summed over its target tokens. The hook a
         distiller overrides to add a KD term computed from the same ``logits`` and ``batch``."""
+        return self.token_loss(logits, labels)
+
+    def token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training cross entropy summed over the target tokens: compiled on plain logits when
+        ``compiled``, else ``token_loss_sum``."""
+        if self.compiled and type(logits) is torch.Tensor:
+            return compiled_token_loss_sum(logits, labels)
         return token_loss_sum(logits, labels)
 
     def begin_step(self, step: int, batches: list[dict[str, torch.Tensor]]) -> None:

@@ -124,7 +124,9 @@ class Training:
     persistent_workers: bool = opt(False, "keep dataloader workers alive between epochs")
     seed: int = opt(42, "seed of weight init, data order and dropout")
     deterministic: bool = opt(False, "use deterministic algorithms only (slower)")
-    compile: bool = opt(False, "torch.compile each decoder layer")
+    compile: bool = opt(
+        False, "torch.compile each decoder layer and the training loss (distillation: its fused CE + KD)"
+    )
     gc_freq: int = opt(
         50,
         "run Python's garbage collector every this many steps (0: leave it automatic)",

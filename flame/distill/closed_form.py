@@ -12,6 +12,11 @@ respect to the student's logits is (1 − α)(Q₁ − onehot) + α·G_KD, Q₁ 
 T = 1 that softmax is the KD term's own Q, so the cross entropy costs two ``[n]`` gathers and a scatter
 instead of a log-softmax pass and its backward; at T ≠ 1 one extra log-softmax is taken. The functions
 then return the CE sum too and the gradient of ``(1 − w)·KD + w·CE``.
+
+**Compiled** (``fused_dense_forward_kl``, with ``--training.compile``): the fused dense case as one
+function of whole tensors that ``torch.compile`` turns into a few loops over the chunk (Triton kernels on
+a GPU, vectorised C++ on a CPU): both softmaxes, the KL, the cross entropy and the gradient in about
+three passes instead of a dozen, the dtype conversions included.
 """
 
 from __future__ import annotations
@@ -93,6 +98,42 @@ def dense_forward_kl(
     if ce is not None:
         ce_sum = _add_cross_entropy(grad, z1, *ce)
     return total, ce_sum, _pad(grad, student)
+
+
+def _fused_dense_kernel(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, w: float, t: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dense_forward_kl`` fused with the cross entropy, on logits over exactly the vocabulary, written as
+    whole-tensor operations for ``torch.compile``: ``(T² Σ KL(P‖Q), CE sum, gradient in the student's dtype)``,
+    the gradient that of ``(1 − w)·KD + w·CE``."""
+    z1 = student.float()
+    zs = z1 / t if t != 1.0 else z1
+    zt = teacher.float() / t if t != 1.0 else teacher.float()
+    log_p = torch.log_softmax(zt, dim=-1)
+    log_q = torch.log_softmax(zs, dim=-1)
+    p, q = torch.exp(log_p), torch.exp(log_q)
+    kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum() * (t * t)  # a teacher logit of -inf adds nothing
+    log_q1 = log_q if t == 1.0 else torch.log_softmax(z1, dim=-1)
+    ce = -log_q1.gather(-1, labels.unsqueeze(-1)).sum()
+    onehot = torch.zeros_like(z1).scatter_(-1, labels.unsqueeze(-1), 1.0)
+    q1 = q if t == 1.0 else torch.exp(log_q1)
+    grad = (1.0 - w) * t * (q - p) + w * (q1 - onehot)
+    return kl, ce, grad.to(student.dtype)
+
+
+_compiled_kernel = None
+
+
+def fused_dense_forward_kl(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, w: float, t: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_fused_dense_kernel`` through ``torch.compile`` (compiled once per process, dynamic in the number
+    of tokens and in ``w`` so that chunks of every size and an α schedule do not recompile): the student's
+    logits in their own dtype (converted inside the kernel), the gradient in that dtype."""
+    global _compiled_kernel
+    if _compiled_kernel is None:
+        _compiled_kernel = torch.compile(_fused_dense_kernel, dynamic=True)
+    return _compiled_kernel(student, teacher, labels, w, t)
 
 
 def topk_forward_kl(

@@ -38,17 +38,19 @@ LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 
 @dataclass(frozen=True)
 class KDSpec:
-    """What KD term to compute: divergence, β (jsd), temperature, top-k (None: dense), tokens per chunk."""
+    """What KD term to compute: divergence, β (jsd), temperature, top-k (None: dense), tokens per chunk, and
+    whether the dense forward KL fused with the cross entropy runs compiled (``--training.compile``)."""
 
     loss: str = "forward_kl"
     temperature: float = 1.0
     beta: float = 0.5
     top_k: int | None = None
     chunk_size: int = 1024  # tokens; 0: all at once
+    compiled: bool = False
 
     @classmethod
-    def from_config(cls, distill: Any) -> KDSpec:
-        return cls(distill.loss, distill.temperature, distill.beta, distill.top_k, distill.chunk_size)
+    def from_config(cls, distill: Any, compiled: bool = False) -> KDSpec:
+        return cls(distill.loss, distill.temperature, distill.beta, distill.top_k, distill.chunk_size, compiled)
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from flame.data.varlen import IGNORE_INDEX
-from flame.distill.closed_form import dense_forward_kl, topk_forward_kl
+from flame.distill.closed_form import dense_forward_kl, fused_dense_forward_kl, topk_forward_kl
 from flame.distill.divergences import KDSpec, TopKTargets, divergence, topk_targets
 from flame.distill.vocab import VocabView, view_of
 
@@ -67,13 +67,17 @@ class _ChunkedKD(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         targets = labels != IGNORE_INDEX
         every = bool(targets.all())  # then every row's gradient is written: no zero fill needed
-        grad = (torch.empty_like(student) if every else torch.zeros_like(student)) if need_grad else None
-        kd_total = torch.zeros((), dtype=torch.float32, device=student.device)
-        ce_total = torch.zeros((), dtype=torch.float32, device=student.device)
         num_tokens = student.shape[0]
         chunk = spec.chunk_size if spec.chunk_size > 0 else max(num_tokens, 1)
         forward_kl = spec.loss == "forward_kl" or (spec.loss == "jsd" and spec.beta == 0.0)
         dense = teacher_logits is not None and spec.top_k is None
+        # the fused dense case compiled (plain logits over exactly the vocabulary: fused_loss_sums checked it)
+        compiled = need_grad and spec.compiled and dense and forward_kl and ce_weight is not None
+        grad = None  # one chunk of the compiled kernel: its gradient is the buffer
+        if need_grad and not (compiled and every and chunk >= num_tokens):
+            grad = torch.empty_like(student) if every else torch.zeros_like(student)
+        kd_total = torch.zeros((), dtype=torch.float32, device=student.device)
+        ce_total = torch.zeros((), dtype=torch.float32, device=student.device)
         for start in range(0, num_tokens, chunk):
             end = min(start + chunk, num_tokens)
             rows: torch.Tensor | slice
@@ -83,8 +87,18 @@ class _ChunkedKD(torch.autograd.Function):
                 rows = targets[start:end].nonzero().squeeze(1) + start
                 if rows.numel() == 0:  # the same on every TP rank: the labels are
                     continue
-            zs = student[rows].float() if isinstance(rows, slice) else student.index_select(0, rows).float()
             part = _teacher_rows(teacher, rows)
+            if compiled:
+                raw = student[rows] if isinstance(rows, slice) else student.index_select(0, rows)
+                kd, ce, g = fused_dense_forward_kl(raw, part, labels[rows], ce_weight, spec.temperature)  # type: ignore[arg-type]
+                if grad is None:
+                    grad = g
+                else:
+                    _put(grad, rows, g)
+                kd_total += kd
+                ce_total += ce
+                continue
+            zs = student[rows].float() if isinstance(rows, slice) else student.index_select(0, rows).float()
             fused = None if ce_weight is None else (labels[rows], ce_weight)
             closed = None
             if need_grad and forward_kl:  # closed-form gradients
@@ -112,6 +126,8 @@ class _ChunkedKD(torch.autograd.Function):
             kd_total += kd.detach()
             if ce is not None:
                 ce_total += ce.detach()
+        if need_grad and grad is None:  # no tokens at all
+            grad = torch.zeros_like(student)
         ctx.grad = grad
         loss = kd_total.clone() if ce_weight is None else (1.0 - ce_weight) * kd_total + ce_weight * ce_total
         ctx.mark_non_differentiable(ce_total, kd_total)

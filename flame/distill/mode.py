@@ -59,11 +59,11 @@ class DistillLoss(MicroBatchLoss):
         cache: Any = None,
         context_parallel: Any = None,
     ) -> None:
-        super().__init__(base.model, base.model_inputs, base.device, base.autocast_dtype, base.context)
+        super().__init__(base.model, base.model_inputs, base.device, base.autocast_dtype, base.context, base.compiled)
         if (teacher is None) == (cache is None):
             raise ValueError("DistillLoss needs exactly one of a teacher and a teacher cache")
         self.distill, self.steps = config.distill, config.training.steps
-        self.spec = KDSpec.from_config(config.distill)
+        self.spec = KDSpec.from_config(config.distill, compiled=config.training.compile)
         self.vocab_size = vocab_size
         self.teacher, self.cache, self.context_parallel = teacher, cache, context_parallel
         self.alpha = alpha_at(1, self.steps, self.distill)
@@ -108,7 +108,7 @@ class DistillLoss(MicroBatchLoss):
             loss, ce, kd = fused_loss_sums(logits, labels, teacher, self.spec, self.vocab_size, alpha)
             self._sums += torch.stack([ce, kd])
             return loss
-        ce = token_loss_sum(logits, labels) if alpha < 1 else _detached(token_loss_sum, logits, labels)
+        ce = self.token_loss(logits, labels) if alpha < 1 else _detached(token_loss_sum, logits, labels)
         student = logits if alpha > 0 else logits.detach()
         kd = kd_loss_sum(student, labels, teacher, self.spec, self.vocab_size)
         self._sums += torch.stack([_local(ce).detach().float(), kd.detach()])

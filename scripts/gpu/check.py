@@ -1,4 +1,5 @@
-"""The GPU check: on the lent GPU machine, every ``gpu``-marked test and ``benchmarks/gpu_mfu.py``, one results file.
+"""The GPU check: on the lent GPU machine, every ``gpu``-marked test, ``benchmarks/distill_bench.py`` and
+``benchmarks/gpu_mfu.py``, one results file.
 
     python3 scripts/gpu/check.py [--budget 480] [--out DIR]     # on the device machine (one H100/H200)
     .venv/bin/python scripts/gpu/check.py --dry                 # here, on CPU: every step but the CUDA work
@@ -15,13 +16,17 @@ the device tool's folder that comes back, else ``outputs/gpu_check``):
    trainer, torchtitan, fla, datasets, torchdata, tomli_w and torchao;
 3. ``gpu-tests``: ``pytest -m gpu`` with a per-test timeout, each outcome written as it comes
    (``scripts/gpu/pytest_results.py``);
-4. ``gpu-mfu``: ``benchmarks/gpu_mfu.py`` on Llama 340M and GLA 340M, base and compiled, 12 steps (what fits
+4. ``distill``: ``benchmarks/distill_bench.py --device cuda --quick`` without its cache part: the distilled
+   step against the student's plus a teacher forward (eager and compiled, bf16), the KD term's cost and its
+   peak memory by chunk size (it builds the demo corpus first: the device gets no ``data/``);
+5. ``gpu-mfu``: ``benchmarks/gpu_mfu.py`` on Llama 340M and GLA 340M, base and compiled, 12 steps (what fits
    the rest of the budget; runs that finish before the limit are kept).
 
 ``--dry`` runs the same phases on a machine without a GPU: the install goes into a temporary folder with
 pip's cross-platform flags (``--python-version 3.12 --platform manylinux...``, the device's interpreter),
 no ``.pth`` is written, ``scripts/gpu/wheels.py --check`` checks the set, the gpu tests must all be
-collected and skip with a reason, and ``gpu_mfu.py`` must refuse with its no-CUDA message. Exit code 0
+collected and skip with a reason, and ``distill_bench.py`` and ``gpu_mfu.py`` must refuse with their no-CUDA
+message. Exit code 0
 when every phase did what it should, else 1. Only the standard library is used here: on the device
 machine nothing else is installed before step 1.
 """
@@ -43,8 +48,10 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 PIP_INSTALL = ["-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade"]
 TEST_TIMEOUT = 150  # seconds per gpu test (pytest-timeout)
-TESTS_SHARE = 270  # at most this much of the budget for the tests ...
-MFU_SHARE = 180  # ... and at least this much is left for gpu_mfu (its tokenizer build and compiled runs)
+TESTS_SHARE = 230  # at most this much of the budget for the tests ...
+DISTILL_SHARE = 90  # ... at most this much for distill_bench (the demo corpus, then two compiled trainers) ...
+MFU_SHARE = 150  # ... and at least this much is left for gpu_mfu (its tokenizer build and compiled runs)
+DISTILL_ARGS = ["--device", "cuda", "--quick", "--parts", "steps,kd_term,memory", "--no-append"]
 MFU_ARGS = ["--models", "llama_340m,gla_340m", "--variants", "base,compile", "--steps", "12", "--log-freq", "3"]
 IMPORTS = "flame.trainer", "torchtitan", "fla", "datasets", "torchdata", "tomli_w", "torchao"
 DISTRIBUTIONS = "torch", "transformers", "triton", "torchtitan", "flash-linear-attention", "datasets", "torchdata"
@@ -197,6 +204,15 @@ def run_mfu(check: Check, limit: float, site_dir: str | None) -> None:
     check.save()
 
 
+def run_distill(check: Check, limit: float, site_dir: str | None) -> None:
+    json_out = Path(tempfile.mkdtemp()) / "distill_bench.json"
+    cmd = [sys.executable, "benchmarks/distill_bench.py", *DISTILL_ARGS, "--json-out", str(json_out)]
+    path = os.pathsep.join([*([site_dir] if site_dir else []), str(ROOT)])
+    check.phase("distill", cmd, limit, PYTHONPATH=path)
+    check.results["distill"] = json.loads(json_out.read_text()) if json_out.exists() else None
+    check.save()
+
+
 def verdict(results: dict) -> list[str]:
     """What went wrong, for the mode the check ran in (empty: all as it should be)."""
     phases, problems = results["phases"], []
@@ -216,18 +232,22 @@ def verdict(results: dict) -> list[str]:
     bad = [t["test"] for t in tests if t["outcome"] in ("failed", "error")]
     if bad:
         problems.append(f"gpu-tests: {len(bad)} failed: {bad}")
-    mfu = phases.get("gpu-mfu", {})
+    mfu, distill = phases.get("gpu-mfu", {}), phases.get("distill", {})
     if results["mode"] == "dry":
         unexplained = [t["test"] for t in tests if t["outcome"] != "skipped" or not t["message"]]
         if unexplained:
             problems.append(f"gpu-tests: on CPU every gpu test must skip with a reason: {unexplained}")
         if mfu.get("rc") != 2 or "no CUDA GPU" not in mfu.get("output_tail", ""):
             problems.append("gpu-mfu: expected its no-CUDA refusal (exit code 2)")
+        if distill.get("rc") != 2 or "no CUDA GPU" not in distill.get("output_tail", ""):
+            problems.append("distill: expected its no-CUDA refusal (exit code 2)")
     else:
         if counts.get("passed", 0) == 0:
             problems.append("gpu-tests: none passed")
         if mfu.get("rc") != 0 or not results.get("gpu_mfu"):
             problems.append("gpu-mfu: " + ("ran out of time" if mfu.get("timed_out") else "failed"))
+        if distill.get("rc") != 0 or not results.get("distill"):
+            problems.append("distill: " + ("ran out of time" if distill.get("timed_out") else "failed"))
     return problems
 
 
@@ -247,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     line = next((x for x in env["output"].splitlines() if x.startswith("ENVIRONMENT ")), None)
     check.results["phases"]["environment"]["info"] = json.loads(line.split(" ", 1)[1]) if line else {}
     check.save()
-    run_tests(check, min(TESTS_SHARE, check.left() - MFU_SHARE), site_dir)
+    run_tests(check, min(TESTS_SHARE, check.left() - DISTILL_SHARE - MFU_SHARE), site_dir)
+    run_distill(check, min(DISTILL_SHARE, check.left() - MFU_SHARE), site_dir)
     run_mfu(check, check.left() - 5, site_dir)
     problems = verdict(check.results)
     check.results.update(ok=not problems, problems=problems)

@@ -88,3 +88,22 @@ def test_varlen_documents_under_cp2_match_one_process(train_args_module, tmp_pat
         2, train_args_module(str(tmp_path / "two"), batch_size=4, experimental__context_parallel_degree=2, **varlen)
     )
     _assert_same(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two"))
+
+
+def test_compiled_distillation_matches_eager(reference, train_args_module, tmp_path):
+    """``--training.compile``: the decoder layers of both models and the fused CE + KD kernel compiled
+    (``closed_form.fused_dense_forward_kl``), one process: the eager run's losses within compile's tolerance
+    (1e-4, as tests/test_features.py::test_compile_keeps_the_losses: fused float arithmetic)."""
+    from flame import train as train_here
+    from flame.config.loader import parse_args
+    from flame.distill import closed_form
+
+    closed_form._compiled_kernel = None
+    train_here(parse_args(train_args_module(str(tmp_path / "compiled"), batch_size=4, training__compile="true")))
+    assert closed_form._compiled_kernel is not None  # the trainer took the compiled kernel
+    compiled = read_metrics(tmp_path / "compiled")
+    assert [r["step"] for r in compiled] == list(range(1, STEPS + 1))
+    for a, b in zip(reference, compiled, strict=True):
+        for key in ("loss", "ce_loss", "kd_loss"):
+            assert abs(a[key] - b[key]) <= 1e-4, (key, a, b)
+    assert abs(reference[-1]["validation_kl_to_teacher"] - compiled[-1]["validation_kl_to_teacher"]) <= 1e-4

@@ -113,26 +113,37 @@ def test_a_phase_that_runs_out_of_time_is_killed_with_its_children_and_recorded(
     assert saved["phases"]["sleepy"]["timed_out"] and "child" in saved["phases"]["sleepy"]["output_tail"]
 
 
-def _results(mode: str, outcomes: list[str], mfu_rc: int, mfu_tail: str = "") -> dict:
+def _results(mode: str, outcomes: list[str], mfu_rc: int, mfu_tail: str = "", distill_rc: int | None = None) -> dict:
+    distill_rc = mfu_rc if distill_rc is None else distill_rc
     tests = [
         {"test": f"t{i}", "outcome": o, "seconds": 1, "message": "Skipped: needs a CUDA GPU"}
         for i, o in enumerate(outcomes)
     ]
     return {
         "mode": mode,
-        "phases": {"install": {"rc": 0}, "gpu-tests": {"rc": 0}, "gpu-mfu": {"rc": mfu_rc, "output_tail": mfu_tail}},
+        "phases": {
+            "install": {"rc": 0},
+            "gpu-tests": {"rc": 0},
+            "distill": {"rc": distill_rc, "output_tail": mfu_tail},
+            "gpu-mfu": {"rc": mfu_rc, "output_tail": mfu_tail},
+        },
         "tests": tests,
         "test_counts": {o: outcomes.count(o) for o in set(outcomes)},
         "gpu_mfu": [{"model": "llama_340m"}] if mfu_rc == 0 else [],
+        "distill": {"times": {}} if distill_rc == 0 else None,
     }
 
 
 def test_verdicts():
     assert gpu_check.verdict(_results("device", ["passed", "skipped"], 0)) == []
     assert gpu_check.verdict(_results("device", ["passed", "failed"], 0)) == ["gpu-tests: 1 failed: ['t1']"]
-    assert gpu_check.verdict(_results("device", ["passed"], 1)) == ["gpu-mfu: failed"]
-    no_cuda = "gpu_mfu.py: no CUDA GPU is visible"
+    assert gpu_check.verdict(_results("device", ["passed"], 1, distill_rc=0)) == ["gpu-mfu: failed"]
+    assert gpu_check.verdict(_results("device", ["passed"], 0, distill_rc=1)) == ["distill: failed"]
+    no_cuda = "gpu_mfu.py: no CUDA GPU is visible; distill_bench.py: no CUDA GPU is visible"
     assert gpu_check.verdict(_results("dry", ["skipped", "skipped"], 2, no_cuda)) == []
+    assert gpu_check.verdict(_results("dry", ["skipped"], 2, no_cuda, distill_rc=0)) == [
+        "distill: expected its no-CUDA refusal (exit code 2)"
+    ]
     assert gpu_check.verdict(_results("dry", ["skipped", "passed"], 2, no_cuda)) == [
         "gpu-tests: on CPU every gpu test must skip with a reason: ['t1']"
     ]
