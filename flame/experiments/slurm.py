@@ -41,7 +41,10 @@ SBATCH_TRAIN = os.path.join(ROOT, "scripts", "slurm", "train.sbatch")
 
 @cache
 def max_array_size() -> int:
-    """The cluster's MaxArraySize (array indices must be below it), from ``scontrol show config``."""
+    """The cluster's MaxArraySize (array indices must be below it), from ``scontrol show config``; Slurm's
+    default, 1001, where there is no ``scontrol`` (a dry run on a machine outside the cluster)."""
+    if not _have("scontrol"):
+        return 1001
     out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
     match = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.M)
     return int(match.group(1)) if match else 1001
@@ -66,7 +69,7 @@ def describe_stage(exp: Experiment, stage: Stage, n: int) -> str:
     """The dry run's words for a stage's launch on Slurm."""
     if n == 0:
         return "nothing to submit"
-    size = max_array_size() if _have("scontrol") else 1001
+    size = max_array_size()
     arrays = [f"--array=0-{len(c) - 1}%{exp.max_parallel}" for c in chunks(n, size)]
     return (
         f"sbatch {' '.join(_options(exp, stage))} {' + '.join(arrays)} (each task: its trial's "

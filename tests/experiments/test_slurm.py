@@ -52,7 +52,7 @@ def test_arrays_throttle_chunk_and_chain(write_spec, fake_sbatch, tmp_path):
         assert (described["experiment"], described["stage"]) == ("resume", "search")
     # The plan says the same without submitting anything.
     plan = api.plan(spec, launcher="slurm")
-    assert any("--array=0-1%1 + --array=0-0%1" in line for line in plan["launch"])
+    assert any("--array=0-1%1 + --array=0-0%1" in line for line in plan["launch"]), plan["launch"]
     # While the controller job waits in the queue, it drives the experiment; once it is gone without the
     # experiment's end (scancel, a node failure), status says so and how to go on, and --watch stops.
     assert api.status(spec)["driver"] == {"state": "running", "by": "Slurm controller job 102", "hint": None}
