@@ -14,12 +14,13 @@ tokens, so the trainer's scaling applies unchanged). Validation uses ``token_los
 With ``--training.compile`` (``compiled``) the training cross entropy on plain logits goes through
 ``torch.compile`` too (``compiled_token_loss_sum``: the log-softmax, the gather and their backward in a
 few fused loops instead of eager's log-softmax, its backward and a zero-filled gradient); vocabulary-sharded
-logits (loss parallelism) and validation stay eager.
+logits (loss parallelism), the pipeline schedule's loss and validation stay eager.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -37,15 +38,23 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-_compiled_ce = None
+class CompiledOnDemand:
+    """``fn`` through ``torch.compile(fn, dynamic=True)``, built at the first call: importing this module
+    must not import dynamo (start-up time), and most runs never call it. Dynamic shapes and floats, so that
+    chunks of every size and a changing weight do not recompile. ``compiled``: None until the first call."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.compiled: Callable[..., Any] | None = None
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=True)
+        return self.compiled(*args)
 
 
-def compiled_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``token_loss_sum`` through ``torch.compile`` (compiled once per process, dynamic in the shapes)."""
-    global _compiled_ce
-    if _compiled_ce is None:
-        _compiled_ce = torch.compile(token_loss_sum, dynamic=True)
-    return _compiled_ce(logits, labels)
+compiled_token_loss_sum = CompiledOnDemand(token_loss_sum)
 
 
 def num_targets(labels: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from flame.components.loss import CompiledOnDemand
 from flame.distill.divergences import TopKTargets, divergence
 from flame.distill.vocab import VocabView
 
@@ -146,19 +147,9 @@ def _fused_dense_kernel(
     return kl, ce, grad.to(student.dtype)
 
 
-_compiled_kernel = None
-
-
-def fused_dense_forward_kl(
-    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, w: float, t: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``_fused_dense_kernel`` through ``torch.compile`` (compiled once per process, dynamic in the number
-    of tokens and in ``w`` so that chunks of every size and an α schedule do not recompile): the student's
-    logits in their own dtype (converted inside the kernel), the gradient in that dtype."""
-    global _compiled_kernel
-    if _compiled_kernel is None:
-        _compiled_kernel = torch.compile(_fused_dense_kernel, dynamic=True)
-    return _compiled_kernel(student, teacher, labels, w, t)
+# ``--training.compile``'s kernel: the student's logits in their own dtype (converted inside), the gradient
+# in that dtype; compiled at the first call, dynamic in the number of tokens and in ``w``
+fused_dense_forward_kl = CompiledOnDemand(_fused_dense_kernel)
 
 
 def topk_forward_kl(
